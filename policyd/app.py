@@ -1,0 +1,67 @@
+"""`create_app()`: the policyd ASGI application, as Granian serves it (`--factory`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import httpx
+import redis.asyncio as aioredis
+from litestar import Litestar
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from policyd.keystore import KeyStore
+from policyd.lastused import LastUsedTracker
+from policyd.routes import Services, authz, healthz, readyz
+from policyd.settings import Settings, load_settings
+
+__all__ = ["create_app"]
+
+
+def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        engine = create_async_engine(
+            settings.database_url, pool_size=5, max_overflow=5, pool_pre_ping=True
+        )
+        redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.store_timeout_s,
+            socket_connect_timeout=settings.store_timeout_s,
+            max_connections=64,
+        )
+        http = httpx.AsyncClient(timeout=settings.ready_timeout_s)
+        last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
+        app.state.services = Services(
+            settings=settings,
+            engine=engine,
+            redis=redis,
+            http=http,
+            keys=KeyStore(settings=settings, redis=redis, engine=engine),
+            last_used=last_used,
+        )
+        last_used.start()
+        try:
+            yield
+        finally:
+            await last_used.stop()
+            await http.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app; settings default to the NZ_* environment, read now and only now."""
+    resolved = settings if settings is not None else load_settings()
+    logging.basicConfig(
+        level=resolved.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return Litestar(
+        route_handlers=[authz, healthz, readyz],
+        lifespan=[_lifespan(resolved)],
+        openapi_config=None,
+        debug=False,
+    )

@@ -1,0 +1,165 @@
+"""The decision core: path and body rules, no I/O.
+
+`screen_request` runs before authentication and needs nothing but the request; the
+caller authenticates, then `admit` turns a verified key plus the screened request into
+the headers Caddy copies upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Final
+
+import attrs
+
+from policyd.body import BodyError, BodyFacts, CloudModelError, is_cloud_model, read_body
+from policyd.contract import (
+    H_CAPTURE,
+    H_KEY_ID,
+    H_KEY_PREFIX,
+    H_MODEL,
+    H_PROMPT_LOG,
+    H_RESERVED,
+    H_STREAM,
+    H_SURFACE,
+    H_TENANT_ID,
+    Surface,
+)
+from policyd.paths import Endpoint, EndpointKind, PathRefusal, classify_target, surface_of
+from policyd.records import KeyRecord
+from policyd.refusals import Reason, Refusal
+
+__all__ = ["Screened", "admit", "decode_body_header", "screen_request"]
+
+#: Output tokens reserved when neither the request nor the key names a cap.
+DEFAULT_OUTPUT_RESERVE: Final = 1024
+# Printable ASCII without spaces: model names travel in headers and log fields.
+_MODEL_NAME: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+_PATH_REFUSALS: Final = {
+    PathRefusal.MUTATION: (
+        Reason.FORBIDDEN_PATH,
+        "forbidden path: model management endpoints are disabled on this gateway",
+    ),
+    PathRefusal.NON_CANONICAL: (
+        Reason.FORBIDDEN_PATH,
+        "forbidden path: the request path must be in canonical form "
+        "(no percent-escapes, empty or dot segments, or trailing slash)",
+    ),
+    PathRefusal.UNKNOWN: (Reason.UNKNOWN_PATH, "this endpoint is not available on this gateway"),
+}
+
+
+@attrs.frozen
+class Screened:
+    """A request that passed the path and body rules (before authentication)."""
+
+    surface: Surface
+    endpoint: Endpoint | None
+    facts: BodyFacts | None
+    refusal: Refusal | None = None
+
+
+def decode_body_header(value: str | None, *, max_body_bytes: int) -> bytes | Refusal:
+    """Decode Caddy's base64 copy of the body; anything not base64 means it was too large."""
+    too_large = Refusal(
+        reason=Reason.TOO_LARGE,
+        message=f"request body too large: the limit is {max_body_bytes} bytes",
+    )
+    if value is None:
+        # Caddy always sends the header (empty for an empty body); absent means the
+        # request did not come through the gateway's forward_auth.
+        return Refusal(reason=Reason.BAD_BODY, message="request body missing from the auth call")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return too_large
+    return too_large if len(raw) > max_body_bytes else raw
+
+
+def _refuse(surface: Surface, reason: Reason, message: str) -> Screened:
+    return Screened(surface, None, None, Refusal(reason=reason, message=message))
+
+
+def screen_request(
+    method: str, target: str, body_header: str | None, *, max_body_bytes: int
+) -> Screened:
+    """Apply the path allowlist and read the body; refuse what must not go upstream."""
+    surface = surface_of(target)
+    verdict = classify_target(method, target)
+    if verdict.endpoint is None:
+        if verdict.refusal is PathRefusal.METHOD:
+            allowed = ", ".join(sorted(verdict.allowed_methods))
+            return Screened(
+                surface,
+                None,
+                None,
+                Refusal(
+                    reason=Reason.METHOD,
+                    message=f"method {method} is not allowed here; use {allowed}",
+                    headers=(("allow", allowed),),
+                ),
+            )
+        assert verdict.refusal is not None
+        reason, message = _PATH_REFUSALS[verdict.refusal]
+        return _refuse(surface, reason, message)
+    endpoint = verdict.endpoint
+    if endpoint.kind is EndpointKind.INFO:
+        model = endpoint.path_model
+        if model is not None and is_cloud_model(model):
+            return _refuse(
+                surface,
+                Reason.CLOUD_MODEL,
+                f"cloud models are not available through this gateway: {model!r}",
+            )
+        return Screened(surface, endpoint, None)
+    raw = decode_body_header(body_header, max_body_bytes=max_body_bytes)
+    if isinstance(raw, Refusal):
+        return Screened(surface, None, None, raw)
+    try:
+        facts = read_body(raw, surface=surface, kind=endpoint.kind)
+    except CloudModelError as exc:
+        return _refuse(surface, Reason.CLOUD_MODEL, str(exc))
+    except BodyError as exc:
+        return _refuse(surface, Reason.BAD_BODY, str(exc))
+    if facts.model is not None and not _MODEL_NAME.match(facts.model):
+        return _refuse(surface, Reason.BAD_BODY, "invalid model name")
+    return Screened(surface, endpoint, facts)
+
+
+def _reservation(facts: BodyFacts, record: KeyRecord) -> int:
+    cap = facts.max_output_tokens
+    if cap is None:
+        own = record.key_limits.max_output_tokens
+        cap = own if own is not None else record.tenant_limits.max_output_tokens
+    return facts.prompt_tokens + (cap if cap is not None else DEFAULT_OUTPUT_RESERVE)
+
+
+def admit(screened: Screened, record: KeyRecord) -> list[tuple[str, str]]:
+    """Headers Caddy copies onto the upstream request and into the access log."""
+    assert screened.endpoint is not None
+    facts = screened.facts
+    endpoint = screened.endpoint
+    headers = [
+        (H_KEY_ID, record.key_id),
+        (H_KEY_PREFIX, record.prefix),
+        (H_TENANT_ID, record.tenant_id),
+        (H_SURFACE, screened.surface.value),
+    ]
+    if facts is None:
+        headers.append((H_STREAM, "0"))
+        if endpoint.path_model is not None and _MODEL_NAME.match(endpoint.path_model):
+            headers.append((H_MODEL, endpoint.path_model))
+        return headers
+    if facts.model is not None:
+        headers.append((H_MODEL, facts.model))
+    headers.append((H_STREAM, "1" if facts.stream else "0"))
+    produces_usage = endpoint.kind in (EndpointKind.GENERATE, EndpointKind.EMBED)
+    # Only a non-streamed body can be captured without buffering a stream.
+    headers.append((H_CAPTURE, "1" if produces_usage and not facts.stream else "0"))
+    if produces_usage:
+        headers.append((H_RESERVED, str(_reservation(facts, record))))
+        headers.append((H_PROMPT_LOG, "1" if record.prompt_logging else "0"))
+    return headers

@@ -1,0 +1,120 @@
+"""HTTP surface of policyd: `/authz` for Caddy's forward_auth, `/healthz`, `/readyz`.
+
+The decision itself lives in `decide` and `keystore`; this module only maps it to HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import attrs
+import httpx
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Request, Response, get
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from policyd.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID, Surface
+from policyd.decide import admit, screen_request
+from policyd.health import probe_all
+from policyd.keystore import KeyStore, StoreUnavailable
+from policyd.lastused import LastUsedTracker
+from policyd.refusals import Reason, Refusal, render
+from policyd.settings import Settings
+
+__all__ = ["Services", "authz", "healthz", "readyz"]
+
+_log = logging.getLogger("policyd.authz")
+
+_JSON: Final = "application/json"
+_UNAVAILABLE: Final = Refusal(
+    reason=Reason.UNAVAILABLE,
+    message="the gateway cannot verify this request right now; try again shortly",
+    headers=(("retry-after", "1"),),
+)
+
+
+@attrs.define(kw_only=True)
+class Services:
+    """What the handlers need, opened in the app's lifespan and kept on `app.state`."""
+
+    settings: Settings
+    engine: AsyncEngine
+    redis: aioredis.Redis
+    http: httpx.AsyncClient
+    keys: KeyStore
+    last_used: LastUsedTracker
+
+
+def _services(request: Request[Any, Any, Any]) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _refusal_response(refusal: Refusal, surface: Surface, request_id: str) -> Response[bytes]:
+    status, body, headers = render(refusal, surface, request_id=request_id)
+    return Response(content=body, status_code=status, headers=dict(headers), media_type=_JSON)
+
+
+@get(AUTHZ_PATH, sync_to_thread=False, include_in_schema=False)
+async def authz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Decide one request for Caddy: 2xx with X-Nz-* headers, or the client's refusal."""
+    services = _services(request)
+    headers = request.headers
+    request_id = headers.get(H_REQUEST_ID, "")
+    screened = screen_request(
+        headers.get("x-forwarded-method", ""),
+        headers.get("x-forwarded-uri", ""),
+        headers.get(H_BODY),
+        max_body_bytes=services.settings.max_body_bytes,
+    )
+    if screened.refusal is not None:
+        _log.info("refused %s: %s", request_id, screened.refusal.reason)
+        return _refusal_response(screened.refusal, screened.surface, request_id)
+    try:
+        result = await services.keys.authenticate(headers.get("authorization"))
+    except StoreUnavailable as exc:
+        _log.warning("failing closed for %s: %s", request_id, exc)
+        return _refusal_response(_UNAVAILABLE, screened.surface, request_id)
+    if result.record is None:
+        assert result.refusal is not None
+        _log.info("refused %s: %s", request_id, result.refusal)
+        refusal = Refusal(reason=result.refusal, message=_AUTH_MESSAGES[result.refusal])
+        return _refusal_response(refusal, screened.surface, request_id)
+    services.last_used.touch(result.record.key_id)
+    return Response(content=b"", status_code=200, headers=dict(admit(screened, result.record)))
+
+
+_AUTH_MESSAGES: Final = {
+    Reason.MISSING_KEY: "missing API key: send 'Authorization: Bearer nz_...'",
+    Reason.MALFORMED_KEY: "malformed API key",
+    Reason.INVALID_KEY: "invalid API key",
+    Reason.REVOKED_KEY: "this API key has been revoked",
+    Reason.EXPIRED_KEY: "this API key has expired",
+}
+
+
+@get("/healthz", sync_to_thread=False, include_in_schema=False)
+async def healthz() -> Response[bytes]:
+    """Liveness: the process answers. Says nothing about its dependencies."""
+    return Response(content=b'{"status":"ok"}', media_type=_JSON)
+
+
+@get("/readyz", sync_to_thread=False, include_in_schema=False)
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Readiness: 200 only when Postgres, Redis and Ollama all answer; else 503 naming them."""
+    services = _services(request)
+    checks = await probe_all(
+        engine=services.engine,
+        redis=services.redis,
+        http=services.http,
+        ollama_url=services.settings.ollama_url,
+        timeout_s=services.settings.ready_timeout_s,
+    )
+    down = sorted(name for name, state in checks.items() if state != "ok")
+    if down:
+        body = {"status": "unavailable", "down": down, "checks": checks}
+        return Response(content=msgspec.json.encode(body), status_code=503, media_type=_JSON)
+    body_ok = {"status": "ready", "checks": checks}
+    return Response(content=msgspec.json.encode(body_ok), media_type=_JSON)

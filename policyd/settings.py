@@ -1,0 +1,111 @@
+"""Settings, read once from an explicit environment mapping.
+
+Every problem is reported at once so an operator fixes the config in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
+
+DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+_MIN_SECRET_LEN: Final = 32
+
+
+class SettingsError(Exception):
+    """The environment does not describe a usable configuration."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything policyd and the CLI need, validated."""
+
+    database_url: str
+    redis_url: str
+    ollama_url: str
+    key_hmac_secret: bytes = attrs.field(repr=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: How long a verified key stays trusted in-process before Redis is asked again.
+    #: Bounds how late a revocation is seen by a running policyd.
+    key_cache_ttl_s: float = 0.5
+    #: How long a verified key's digest stays in Redis (renewed on every Argon2 check).
+    redis_key_ttl_s: int = 3600
+    #: How long an unknown prefix is remembered, sparing Postgres repeated lookups.
+    negative_cache_ttl_s: int = 30
+    #: Seconds a single store call may take before the request fails closed (503).
+    store_timeout_s: float = 2.0
+    #: Seconds the readiness probe waits for each dependency.
+    ready_timeout_s: float = 2.0
+    #: How often last-used timestamps are flushed to Postgres.
+    last_used_flush_s: float = 5.0
+    log_level: str = "INFO"
+
+
+def _required(env: Mapping[str, str], name: str, errors: list[str]) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        errors.append(f"{name} is required")
+    return value
+
+
+def _positive_number(
+    env: Mapping[str, str], name: str, default: float, errors: list[str], *, integer: bool
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        errors.append(f"{name} must be a {'whole' if integer else ''} number, got {raw!r}")
+        return default
+    if value <= 0:
+        errors.append(f"{name} must be positive, got {raw!r}")
+        return default
+    return value
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...], errors: list[str]) -> None:
+    if value and urlsplit(value).scheme not in schemes:
+        errors.append(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from `env` (default: the process environment); raise on any problem."""
+    source = os.environ if env is None else env
+    errors: list[str] = []
+    database_url = _required(source, "NZ_DATABASE_URL", errors)
+    redis_url = _required(source, "NZ_REDIS_URL", errors)
+    ollama_url = _required(source, "NZ_OLLAMA_URL", errors)
+    secret = _required(source, "NZ_KEY_HMAC_SECRET", errors)
+    _check_url("NZ_DATABASE_URL", database_url, ("postgresql+asyncpg",), errors)
+    _check_url("NZ_REDIS_URL", redis_url, ("redis", "rediss", "unix"), errors)
+    _check_url("NZ_OLLAMA_URL", ollama_url, ("http", "https"), errors)
+    if secret and len(secret) < _MIN_SECRET_LEN:
+        errors.append(f"NZ_KEY_HMAC_SECRET must be at least {_MIN_SECRET_LEN} characters")
+    max_body = _positive_number(
+        source, "NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, errors, integer=True
+    )
+    cache_ttl_ms = _positive_number(source, "NZ_KEY_CACHE_TTL_MS", 500, errors, integer=True)
+    timeout_ms = _positive_number(source, "NZ_STORE_TIMEOUT_MS", 2000, errors, integer=True)
+    log_level = source.get("NZ_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        errors.append("NZ_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    if errors:
+        raise SettingsError("invalid configuration: " + "; ".join(errors))
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        ollama_url=ollama_url.rstrip("/"),
+        key_hmac_secret=secret.encode(),
+        max_body_bytes=int(max_body),
+        key_cache_ttl_s=cache_ttl_ms / 1000,
+        store_timeout_s=timeout_ms / 1000,
+        log_level=log_level,
+    )
