@@ -1,0 +1,125 @@
+"""The pre-auth screen and the admission headers."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from policyd.contract import H_CAPTURE, H_MODEL, H_RESERVED, H_STREAM, Surface
+from policyd.decide import DEFAULT_OUTPUT_RESERVE, admit, decode_body_header, screen_request
+from policyd.records import KeyRecord, Limits
+from policyd.refusals import Reason, Refusal, render
+
+LIMIT = 1000
+
+
+def b64(body: object) -> str:
+    return base64.b64encode(json.dumps(body).encode()).decode()
+
+
+def record(*, key_cap: int | None = None, tenant_cap: int | None = None) -> KeyRecord:
+    return KeyRecord(
+        key_id="k",
+        prefix="nz_abcdefgh",
+        tenant_id="t",
+        tenant_name="acme",
+        digest="d",
+        expires_at=None,
+        revoked=False,
+        key_limits=Limits(max_output_tokens=key_cap),
+        tenant_limits=Limits(max_output_tokens=tenant_cap, prompt_logging=True),
+    )
+
+
+def test_caddy_error_text_in_the_body_header_means_too_large() -> None:
+    """Caddy puts an error string where the base64 body would be when max_size trips."""
+    found = decode_body_header("request body: http: request body too large", max_body_bytes=LIMIT)
+    assert isinstance(found, Refusal)
+    assert found.reason is Reason.TOO_LARGE
+    assert found.status == 413
+
+
+def test_decoded_body_over_the_limit_is_too_large() -> None:
+    """A valid base64 body longer than the limit is refused with 413."""
+    found = decode_body_header(base64.b64encode(b"x" * (LIMIT + 1)).decode(), max_body_bytes=LIMIT)
+    assert isinstance(found, Refusal)
+    assert found.reason is Reason.TOO_LARGE
+
+
+def test_missing_body_header_is_not_an_empty_body() -> None:
+    """Without Caddy's body copy the request did not come through the gateway: refuse."""
+    found = screen_request("POST", "/api/chat", None, max_body_bytes=LIMIT)
+    assert found.refusal is not None
+    assert found.refusal.reason is Reason.BAD_BODY
+
+
+@pytest.mark.parametrize("surface_path", ["/api/chat", "/v1/chat/completions"])
+def test_too_large_is_rendered_in_the_callers_format(surface_path: str) -> None:
+    """413 bodies follow the surface: Ollama `{"error": str}`, OpenAI error object."""
+    screened = screen_request("POST", surface_path, "!!!", max_body_bytes=LIMIT)
+    assert screened.refusal is not None
+    status, body, headers = render(screened.refusal, screened.surface, request_id="r1")
+    assert status == 413
+    parsed = json.loads(body)
+    if screened.surface is Surface.OPENAI:
+        assert parsed["error"]["code"] == "request_too_large"
+        assert parsed["error"]["type"] == "invalid_request_error"
+    else:
+        assert "too large" in parsed["error"]
+    assert ("x-request-id", "r1") in headers
+
+
+def test_cloud_model_in_the_models_path_is_forbidden() -> None:
+    """`/v1/models/x:cloud` is refused like a cloud model in a body."""
+    screened = screen_request("GET", "/v1/models/x%3Acloud", None, max_body_bytes=LIMIT)
+    assert screened.refusal is not None
+    assert screened.refusal.status == 403
+
+
+def test_model_names_with_control_characters_are_refused() -> None:
+    """Model names travel in headers: CR/LF or spaces would be header injection."""
+    body = b64({"model": "llama3.2\r\nX-Nz-Key-Id: evil", "prompt": "x"})
+    screened = screen_request("POST", "/api/generate", body, max_body_bytes=LIMIT)
+    assert screened.refusal is not None
+    assert screened.refusal.reason is Reason.BAD_BODY
+
+
+def test_non_streamed_generation_is_captured_streamed_is_not() -> None:
+    """Only non-streamed bodies are captured into the log for exact usage."""
+    for stream, capture in ((False, "1"), (True, "0")):
+        body = b64({"model": "m", "prompt": "hi", "stream": stream})
+        screened = screen_request("POST", "/api/generate", body, max_body_bytes=LIMIT)
+        headers = dict(admit(screened, record()))
+        assert headers[H_STREAM] == ("1" if stream else "0")
+        assert headers[H_CAPTURE] == capture
+        assert headers[H_MODEL] == "m"
+
+
+@pytest.mark.parametrize(
+    ("request_cap", "key_cap", "tenant_cap", "output"),
+    [
+        (10, 20, 30, 10),
+        (None, 20, 30, 20),
+        (None, None, 30, 30),
+        (None, None, None, DEFAULT_OUTPUT_RESERVE),
+    ],
+)
+def test_reservation_uses_request_then_key_then_tenant_cap(
+    request_cap: int | None, key_cap: int | None, tenant_cap: int | None, output: int
+) -> None:
+    """The output part of a reservation comes from the most specific cap named."""
+    body: dict[str, object] = {"model": "m", "prompt": ""}
+    if request_cap is not None:
+        body["options"] = {"num_predict": request_cap}
+    screened = screen_request("POST", "/api/generate", b64(body), max_body_bytes=LIMIT)
+    headers = dict(admit(screened, record(key_cap=key_cap, tenant_cap=tenant_cap)))
+    assert int(headers[H_RESERVED]) == output
+
+
+def test_info_endpoints_need_no_body() -> None:
+    """GET endpoints are admitted without reading a body."""
+    screened = screen_request("GET", "/api/tags", "", max_body_bytes=LIMIT)
+    assert screened.refusal is None
+    assert dict(admit(screened, record()))[H_STREAM] == "0"
