@@ -61,6 +61,9 @@ class BodyFacts:
     #: Conservative estimate of prompt tokens, for reservations.
     prompt_tokens: int
     include_usage: bool = False
+    #: The largest output cap named in any field, honoured by Ollama or not; checked
+    #: against the key's maximum so a request is refused rather than silently clamped.
+    requested_output: int | None = None
 
 
 def _simple_fold(ch: str) -> str:
@@ -189,12 +192,12 @@ def _native_output_cap(body: dict[str, Any]) -> int | None:
     return cap if cap is not None and cap >= 0 else None
 
 
-def _openai_output_cap(body: dict[str, Any]) -> int | None:
-    caps = [
-        _optional_int(body.get(f), f, minimum=1) for f in ("max_tokens", "max_completion_tokens")
-    ]
-    named = [c for c in caps if c is not None]
-    return min(named) if named else None
+def _openai_output_caps(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(cap Ollama enforces, largest cap named). Ollama maps only `max_tokens`."""
+    enforced = _optional_int(body.get("max_tokens"), "max_tokens", minimum=1)
+    other = _optional_int(body.get("max_completion_tokens"), "max_completion_tokens", minimum=1)
+    named = [c for c in (enforced, other) if c is not None]
+    return enforced, max(named) if named else None
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -227,17 +230,18 @@ def read_body(raw: bytes, *, surface: Surface, kind: EndpointKind) -> BodyFacts:
         )
     if surface is Surface.OLLAMA:
         stream = _stream_flag(body, default=True)
-        cap = _native_output_cap(body)
+        cap = requested = _native_output_cap(body)
         include_usage = False
     else:
-        stream = _stream_flag(body, default=False)
-        cap = _openai_output_cap(body)
-        include_usage = _include_usage(body)
         # The OpenAI layer ignores `options`; a cap there would mislead the reservation.
+        stream = _stream_flag(body, default=False)
+        cap, requested = _openai_output_caps(body)
+        include_usage = _include_usage(body)
     return BodyFacts(
         model=model,
         stream=stream,
         max_output_tokens=cap,
         prompt_tokens=_prompt_tokens(body),
         include_usage=include_usage,
+        requested_output=requested,
     )

@@ -31,7 +31,16 @@ from policyd.paths import Endpoint, EndpointKind, PathRefusal, classify_target, 
 from policyd.records import KeyRecord
 from policyd.refusals import Reason, Refusal
 
-__all__ = ["Screened", "admit", "decode_body_header", "screen_request"]
+__all__ = [
+    "DEFAULT_OUTPUT_RESERVE",
+    "Screened",
+    "admit",
+    "check_key_policy",
+    "decode_body_header",
+    "model_allowed",
+    "reservation",
+    "screen_request",
+]
 
 #: Output tokens reserved when neither the request nor the key names a cap.
 DEFAULT_OUTPUT_RESERVE: Final = 1024
@@ -129,15 +138,69 @@ def screen_request(
     return Screened(surface, endpoint, facts)
 
 
-def _reservation(facts: BodyFacts, record: KeyRecord) -> int:
+def _output_cap(record: KeyRecord) -> int | None:
+    own = record.key_limits.max_output_tokens
+    return own if own is not None else record.tenant_limits.max_output_tokens
+
+
+def reservation(screened: Screened, record: KeyRecord) -> int:
+    """Tokens to reserve: prompt estimate plus the request's, key's or default output cap."""
+    facts = screened.facts
+    if facts is None:
+        return 0
     cap = facts.max_output_tokens
     if cap is None:
-        own = record.key_limits.max_output_tokens
-        cap = own if own is not None else record.tenant_limits.max_output_tokens
+        cap = _output_cap(record)
     return facts.prompt_tokens + (cap if cap is not None else DEFAULT_OUTPUT_RESERVE)
 
 
-def admit(screened: Screened, record: KeyRecord) -> list[tuple[str, str]]:
+def _model_ref(name: str) -> tuple[str, str | None]:
+    """(name, tag) folded as Ollama matches models: case-insensitive, tag after the last ':'."""
+    folded = name.strip().lower()
+    head, sep, tag = folded.rpartition(":")
+    if sep and "/" not in tag:
+        return head, tag
+    return folded, None
+
+
+def model_allowed(model: str, allowed: tuple[str, ...]) -> bool:
+    """An entry without a tag allows every tag of that model; with a tag, exactly that one."""
+    name, tag = _model_ref(model)
+    tag = tag or "latest"
+    for entry in allowed:
+        entry_name, entry_tag = _model_ref(entry)
+        if entry_name == name and (entry_tag is None or entry_tag == tag):
+            return True
+    return False
+
+
+def check_key_policy(screened: Screened, record: KeyRecord) -> Refusal | None:
+    """The key's static rules: model allowlist and maximum output tokens."""
+    facts = screened.facts
+    model = facts.model if facts is not None else None
+    if model is None and screened.endpoint is not None:
+        model = screened.endpoint.path_model
+    own_models = record.key_limits.allowed_models
+    allowed = own_models if own_models is not None else record.tenant_limits.allowed_models
+    if model is not None and allowed is not None and not model_allowed(model, allowed):
+        return Refusal(
+            reason=Reason.MODEL_NOT_ALLOWED,
+            message=f"model {model!r} is not allowed for this API key",
+        )
+    cap = _output_cap(record)
+    requested = facts.requested_output if facts is not None else None
+    if cap is not None and requested is not None and requested > cap:
+        return Refusal(
+            reason=Reason.OUTPUT_CAP_EXCEEDED,
+            message=(
+                f"the request asks for up to {requested} output tokens; "
+                f"this API key allows at most {cap}"
+            ),
+        )
+    return None
+
+
+def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[tuple[str, str]]:
     """Headers Caddy copies onto the upstream request and into the access log."""
     assert screened.endpoint is not None
     facts = screened.facts
@@ -160,6 +223,6 @@ def admit(screened: Screened, record: KeyRecord) -> list[tuple[str, str]]:
     # Only a non-streamed body can be captured without buffering a stream.
     headers.append((H_CAPTURE, "1" if produces_usage and not facts.stream else "0"))
     if produces_usage:
-        headers.append((H_RESERVED, str(_reservation(facts, record))))
+        headers.append((H_RESERVED, str(reserved)))
         headers.append((H_PROMPT_LOG, "1" if record.prompt_logging else "0"))
     return headers

@@ -103,7 +103,7 @@ MUTATION_PREFIXES: Final = (
 
 # Unreserved characters plus the sub-delims and ':' / '@' that RFC 3986 allows in a
 # segment, minus ';' (a parameter separator to some routers). No '%', no '\'.
-_CANONICAL_PATH: Final = re.compile(r"^(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)+$")
+_CANONICAL_PATH: Final = re.compile(r"^(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)+$|^/$")
 # In the model segment only, percent-escapes that cannot change routing are accepted
 # (clients escape ':' in `llama3.2:latest`); anything decoding to '/', '.', '\', '%',
 # control characters or non-ASCII is not.

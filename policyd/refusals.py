@@ -32,6 +32,15 @@ class Reason(enum.StrEnum):
     CLOUD_MODEL = "cloud_model_forbidden"
     TOO_LARGE = "request_too_large"
     UNAVAILABLE = "service_unavailable"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    OUTPUT_CAP_EXCEEDED = "max_output_tokens_exceeded"
+    RESERVATION_TOO_LARGE = "reservation_exceeds_limit"
+    RPM = "requests_per_minute_exceeded"
+    TPM = "tokens_per_minute_exceeded"
+    CONCURRENCY = "concurrency_limit_exceeded"
+    DAILY_BUDGET = "daily_budget_exhausted"
+    MONTHLY_BUDGET = "monthly_budget_exhausted"
+    TOTAL_BUDGET = "total_budget_exhausted"
 
 
 _STATUS: Final = {
@@ -47,7 +56,18 @@ _STATUS: Final = {
     Reason.BAD_BODY: 400,
     Reason.TOO_LARGE: 413,
     Reason.UNAVAILABLE: 503,
+    Reason.MODEL_NOT_ALLOWED: 403,
+    Reason.OUTPUT_CAP_EXCEEDED: 400,
+    Reason.RESERVATION_TOO_LARGE: 400,
+    Reason.RPM: 429,
+    Reason.TPM: 429,
+    Reason.CONCURRENCY: 429,
+    Reason.DAILY_BUDGET: 429,
+    Reason.MONTHLY_BUDGET: 429,
+    Reason.TOTAL_BUDGET: 429,
 }
+#: Budgets are quota, not rate: OpenAI reports those as `insufficient_quota`.
+_QUOTA: Final = frozenset({Reason.DAILY_BUDGET, Reason.MONTHLY_BUDGET, Reason.TOTAL_BUDGET})
 
 # OpenAI's error `type` by status; the SDKs pick their exception class by status.
 _OPENAI_TYPE: Final = {
@@ -85,7 +105,9 @@ def render(
         body = {
             "error": {
                 "message": refusal.message,
-                "type": _OPENAI_TYPE.get(status, "api_error"),
+                "type": "insufficient_quota"
+                if refusal.reason in _QUOTA
+                else _OPENAI_TYPE.get(status, "api_error"),
                 "param": None,
                 "code": refusal.reason.value,
             }

@@ -7,8 +7,16 @@ import json
 
 import pytest
 
-from policyd.contract import H_CAPTURE, H_MODEL, H_RESERVED, H_STREAM, Surface
-from policyd.decide import DEFAULT_OUTPUT_RESERVE, admit, decode_body_header, screen_request
+from policyd.contract import H_CAPTURE, H_MODEL, H_STREAM, Surface
+from policyd.decide import (
+    DEFAULT_OUTPUT_RESERVE,
+    admit,
+    check_key_policy,
+    decode_body_header,
+    model_allowed,
+    reservation,
+    screen_request,
+)
 from policyd.records import KeyRecord, Limits
 from policyd.refusals import Reason, Refusal, render
 
@@ -114,8 +122,7 @@ def test_reservation_uses_request_then_key_then_tenant_cap(
     if request_cap is not None:
         body["options"] = {"num_predict": request_cap}
     screened = screen_request("POST", "/api/generate", b64(body), max_body_bytes=LIMIT)
-    headers = dict(admit(screened, record(key_cap=key_cap, tenant_cap=tenant_cap)))
-    assert int(headers[H_RESERVED]) == output
+    assert reservation(screened, record(key_cap=key_cap, tenant_cap=tenant_cap)) == output
 
 
 def test_info_endpoints_need_no_body() -> None:
@@ -123,3 +130,34 @@ def test_info_endpoints_need_no_body() -> None:
     screened = screen_request("GET", "/api/tags", "", max_body_bytes=LIMIT)
     assert screened.refusal is None
     assert dict(admit(screened, record()))[H_STREAM] == "0"
+
+
+@pytest.mark.parametrize(
+    ("model", "allowed", "ok"),
+    [
+        ("llama3.2", ("llama3.2",), True),
+        ("llama3.2:1b", ("llama3.2",), True),
+        ("LLAMA3.2:Latest", ("llama3.2:latest",), True),
+        ("llama3.2", ("llama3.2:latest",), True),
+        ("llama3.2:1b", ("llama3.2:latest",), False),
+        ("qwen2.5", ("llama3.2",), False),
+        ("registry.local:5000/team/m:1", ("registry.local:5000/team/m",), True),
+    ],
+)
+def test_model_allowlist_matches_like_ollama(
+    model: str, allowed: tuple[str, ...], ok: bool
+) -> None:
+    """Entries match case-insensitively; without a tag an entry allows every tag."""
+    assert model_allowed(model, allowed) is ok
+
+
+def test_output_cap_is_refused_not_clamped() -> None:
+    """Asking for more output than the key allows is refused with both numbers."""
+    body = b64({"model": "m", "prompt": "x", "max_tokens": 10, "max_completion_tokens": 500})
+    screened = screen_request("POST", "/v1/completions", body, max_body_bytes=LIMIT)
+    refusal = check_key_policy(screened, record(key_cap=100))
+    assert refusal is not None
+    assert refusal.reason is Reason.OUTPUT_CAP_EXCEEDED
+    assert "500" in refusal.message
+    assert "100" in refusal.message
+    assert check_key_policy(screened, record(key_cap=1000)) is None

@@ -1,0 +1,112 @@
+-- Admission: check every limit of key and tenant, and only if all pass, record the
+-- request, a concurrency lease and a token reservation. One call, atomic.
+--
+-- KEYS: 1 rpm:k 2 rpm:t 3 tpm:k 4 tpm:t 5 conc:k 6 conc:t 7 day:k 8 day:t
+--       9 mon:k 10 mon:t 11 tot:k 12 tot:t 13 reservation 14 loaded-sentinel
+-- ARGV: 1 now_ms 2 request_id 3 reserve 4 lease_ttl_ms 5 record_ttl_s
+--       6 day_ttl_s 7 month_ttl_s 8..19 limits (same order as KEYS 1..12, -1 = none)
+--       20 key_id 21 tenant_id 22 day 23 month
+-- Returns {0} when the tenant's counters are not loaded yet, {3} for a repeated
+-- request id, {2, limit_index, limit, used, retry_s} when refused, and
+-- {1, req_limit, req_remaining, req_reset_s, tok_limit, tok_remaining, tok_reset_s}
+-- when admitted (-1 = no such limit).
+
+local now_ms = tonumber(ARGV[1])
+local now_s = math.floor(now_ms / 1000)
+local reserve = tonumber(ARGV[3])
+local WINDOW = 60
+
+if redis.call('EXISTS', KEYS[14]) == 0 then
+  return {0}
+end
+if redis.call('EXISTS', KEYS[13]) == 1 then
+  return {3}
+end
+
+-- Sum of the one-second buckets still inside the sliding window; drops older ones.
+local function window(key)
+  local flat = redis.call('HGETALL', key)
+  local sum, oldest, stale = 0, -1, {}
+  for i = 1, #flat, 2 do
+    local sec = tonumber(flat[i])
+    if sec <= now_s - WINDOW then
+      stale[#stale + 1] = flat[i]
+    else
+      sum = sum + tonumber(flat[i + 1])
+      if oldest < 0 or sec < oldest then oldest = sec end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  return sum, oldest
+end
+
+local function leases(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+  return redis.call('ZCARD', key)
+end
+
+local function counter(key)
+  return tonumber(redis.call('GET', key) or '0')
+end
+
+local used, oldest, cost = {}, {}, {}
+for i = 1, 4 do
+  used[i], oldest[i] = window(KEYS[i])
+end
+used[5] = leases(KEYS[5])
+used[6] = leases(KEYS[6])
+for i = 7, 12 do
+  used[i] = counter(KEYS[i])
+end
+cost = {1, 1, reserve, reserve, 1, 1, reserve, reserve, reserve, reserve, reserve, reserve}
+
+for i = 1, 12 do
+  local limit = tonumber(ARGV[7 + i])
+  if limit >= 0 and used[i] + cost[i] > limit then
+    local retry = 1
+    if i <= 4 and oldest[i] >= 0 then
+      retry = math.max(1, oldest[i] + WINDOW - now_s)
+    end
+    return {2, i, limit, used[i], retry}
+  end
+end
+
+-- Everything passed: record the request against every window of key and tenant.
+for i = 1, 4 do
+  redis.call('HINCRBY', KEYS[i], now_s, cost[i])
+  redis.call('EXPIRE', KEYS[i], WINDOW + 1)
+end
+local lease_until = now_ms + tonumber(ARGV[4])
+for i = 5, 6 do
+  redis.call('ZADD', KEYS[i], lease_until, ARGV[2])
+  redis.call('PEXPIREAT', KEYS[i], lease_until + 1000)
+end
+for i = 7, 12 do
+  redis.call('INCRBY', KEYS[i], reserve)
+end
+for i = 7, 8 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+for i = 9, 10 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+redis.call('HSET', KEYS[13], 'k', ARGV[20], 't', ARGV[21], 'tok', reserve,
+  'sec', now_s, 'day', ARGV[22], 'mon', ARGV[23], 'lease', lease_until)
+redis.call('EXPIRE', KEYS[13], ARGV[5])
+
+-- Rate-limit figures for the response headers: the tighter of key and tenant.
+local function figures(a, b)
+  local limit, remaining, reset = -1, -1, -1
+  for _, i in ipairs({a, b}) do
+    local l = tonumber(ARGV[7 + i])
+    if l >= 0 then
+      local rem = math.max(0, l - used[i] - cost[i])
+      if limit < 0 or rem < remaining then
+        limit, remaining = l, rem
+        local first = oldest[i]
+        if first < 0 then first = now_s end
+        reset = math.max(1, first + WINDOW - now_s)
+      end
+    end
+  end
+  return limit, remaining, reset
+end
+local rl, rr, rs = figures(1, 2)
+local tl, tr, ts = figures(3, 4)
+return {1, rl, rr, rs, tl, tr, ts}
