@@ -11,8 +11,11 @@ import redis.asyncio as aioredis
 from litestar import Litestar
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from policyd.contract import load_script
 from policyd.keystore import KeyStore
 from policyd.lastused import LastUsedTracker
+from policyd.limits import Limiter
+from policyd.rebuild import TenantLoader
 from policyd.routes import Services, authz, healthz, readyz
 from policyd.settings import Settings, load_settings
 
@@ -33,12 +36,25 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         )
         http = httpx.AsyncClient(timeout=settings.ready_timeout_s)
         last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
+        loader = TenantLoader(
+            engine=engine,
+            redis=redis,
+            load_script=load_script(),
+            timeout_s=settings.store_timeout_s,
+        )
+        limiter = Limiter(
+            redis=redis,
+            load_tenant=loader,
+            lease_ttl_s=settings.lease_ttl_s,
+            timeout_s=settings.store_timeout_s,
+        )
         app.state.services = Services(
             settings=settings,
             engine=engine,
             redis=redis,
             http=http,
             keys=KeyStore(settings=settings, redis=redis, engine=engine),
+            limiter=limiter,
             last_used=last_used,
         )
         last_used.start()

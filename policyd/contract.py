@@ -29,6 +29,7 @@ __all__ = [
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
     "LOG_FIELDS",
+    "RATE_LIMIT_HEADERS",
     "Surface",
     "admit_script",
     "calendar_day",
@@ -77,6 +78,14 @@ COPIED_HEADERS: Final = (
     H_CAPTURE,
     H_PROMPT_LOG,
     H_RESERVED,
+)
+
+#: OpenAI-style rate-limit headers: policyd answers them, Caddy copies them onto the
+#: request and sets them on the client's response (streams included).
+RATE_LIMIT_HEADERS: Final = tuple(
+    f"X-Ratelimit-{kind}-{unit}"
+    for unit in ("Requests", "Tokens")
+    for kind in ("Limit", "Remaining", "Reset")
 )
 
 #: Top-level access-log fields added by `log_append` (field name -> copied header).

@@ -253,6 +253,8 @@ class Limiter:
         name = DIMENSIONS[(index - 1) // 2]
         scope = "key" if index % 2 == 1 else "tenant"
         who = _who(record, scope)
+        if scope == "key" and getattr(record.key_limits, name) is None:
+            who += f" (the per-key default of tenant {record.tenant_name})"
         label = _LABELS[name]
         headers: list[tuple[str, str]] = []
         if name == "daily_tokens" or name == "monthly_tokens":

@@ -6,6 +6,7 @@ The decision itself lives in `decide` and `keystore`; this module only maps it t
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Final
 
 import attrs
@@ -16,10 +17,11 @@ from litestar import Request, Response, get
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID, Surface
-from policyd.decide import admit, screen_request
+from policyd.decide import admit, check_key_policy, reservation, screen_request
 from policyd.health import probe_all
 from policyd.keystore import KeyStore, StoreUnavailable
 from policyd.lastused import LastUsedTracker
+from policyd.limits import Limiter
 from policyd.refusals import Reason, Refusal, render
 from policyd.settings import Settings
 
@@ -44,6 +46,7 @@ class Services:
     redis: aioredis.Redis
     http: httpx.AsyncClient
     keys: KeyStore
+    limiter: Limiter
     last_used: LastUsedTracker
 
 
@@ -82,8 +85,29 @@ async def authz(request: Request[Any, Any, Any]) -> Response[bytes]:
         _log.info("refused %s: %s", request_id, result.refusal)
         refusal = Refusal(reason=result.refusal, message=_AUTH_MESSAGES[result.refusal])
         return _refusal_response(refusal, screened.surface, request_id)
-    services.last_used.touch(result.record.key_id)
-    return Response(content=b"", status_code=200, headers=dict(admit(screened, result.record)))
+    record = result.record
+    services.last_used.touch(record.key_id)
+    policy_refusal = check_key_policy(screened, record)
+    if policy_refusal is not None:
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
+        return _refusal_response(policy_refusal, screened.surface, request_id)
+    reserved = reservation(screened, record)
+    try:
+        admission = await services.limiter.admit(
+            record, request_id=request_id or uuid.uuid4().hex, reserve=reserved
+        )
+    except StoreUnavailable as exc:
+        _log.warning("failing closed for %s: %s", request_id, exc)
+        return _refusal_response(_UNAVAILABLE, screened.surface, request_id)
+    if admission.refusal is not None:
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, admission.refusal.reason)
+        limited = attrs.evolve(
+            admission.refusal, headers=admission.refusal.headers + admission.headers
+        )
+        return _refusal_response(limited, screened.surface, request_id)
+    upstream = admit(screened, record, reserved=reserved)
+    upstream.extend(admission.headers)
+    return Response(content=b"", status_code=200, headers=dict(upstream))
 
 
 _AUTH_MESSAGES: Final = {

@@ -42,6 +42,8 @@ class Settings:
     store_timeout_s: float = 2.0
     #: Seconds the readiness probe waits for each dependency.
     ready_timeout_s: float = 2.0
+    #: How long a concurrency lease holds a slot if its settlement never arrives.
+    lease_ttl_s: float = 600.0
     #: How often last-used timestamps are flushed to Postgres.
     last_used_flush_s: float = 5.0
     log_level: str = "INFO"
@@ -94,6 +96,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
     cache_ttl_ms = _positive_number(source, "NZ_KEY_CACHE_TTL_MS", 500, errors, integer=True)
     timeout_ms = _positive_number(source, "NZ_STORE_TIMEOUT_MS", 2000, errors, integer=True)
+    lease_ttl = _positive_number(source, "NZ_LEASE_TTL_S", 600, errors, integer=False)
     log_level = source.get("NZ_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         errors.append("NZ_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -107,5 +110,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=int(max_body),
         key_cache_ttl_s=cache_ttl_ms / 1000,
         store_timeout_s=timeout_ms / 1000,
+        lease_ttl_s=lease_ttl,
         log_level=log_level,
     )

@@ -79,7 +79,8 @@ end
 local lease_until = now_ms + tonumber(ARGV[4])
 for i = 5, 6 do
   redis.call('ZADD', KEYS[i], lease_until, ARGV[2])
-  redis.call('PEXPIREAT', KEYS[i], lease_until + 1000)
+  -- Relative expiry: the caller's clock, not Redis', defines the lease.
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[4]) + 1000)
 end
 for i = 7, 12 do
   redis.call('INCRBY', KEYS[i], reserve)

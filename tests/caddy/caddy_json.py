@@ -1,0 +1,87 @@
+"""Read the JSON that `caddy adapt` makes of the project's Caddyfiles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from tests.caddy.runner import caddy_binary
+
+__all__ = [
+    "TEST_ENV",
+    "access_log_config",
+    "adapt",
+    "gateway_handlers",
+    "is_forward_auth",
+    "is_ollama_proxy",
+]
+
+#: Settings both Caddyfiles need; paths are replaced per test by `test_env`.
+TEST_ENV: Final = {
+    "NZ_DOMAIN": "gateway.example.test",
+    "NZ_OLLAMA_URL": "http://127.0.0.1:11500",
+    "NZ_MAX_BODY_BYTES": "8388608",
+}
+
+JsonObject = dict[str, Any]
+
+
+def adapt(caddyfile: Path, *, env: Mapping[str, str]) -> JsonObject:
+    """The Caddy JSON config `caddyfile` adapts to under `env`."""
+    done = subprocess.run(
+        [caddy_binary(), "adapt", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        env=dict(env),
+        capture_output=True,
+        check=True,
+    )
+    config: JsonObject = json.loads(done.stdout)
+    return config
+
+
+def _walk(handlers: list[JsonObject]) -> Iterator[tuple[JsonObject, list[JsonObject]]]:
+    """Each handler with the matchers guarding it, in execution order (subroutes inlined)."""
+    for handler in handlers:
+        yield handler, []
+        if handler["handler"] == "subroute":
+            for route in handler["routes"]:
+                for inner, matchers in _walk(route["handle"]):
+                    yield inner, [*route.get("match", []), *matchers]
+
+
+def gateway_handlers(config: JsonObject) -> list[tuple[JsonObject, list[JsonObject]]]:
+    """Handlers of the single site's routes, in the order Caddy runs them."""
+    (server,) = config["apps"]["http"]["servers"].values()
+    walked: list[tuple[JsonObject, list[JsonObject]]] = []
+    for route in server["routes"]:
+        for handler, matchers in _walk(route["handle"]):
+            walked.append((handler, [*route.get("match", []), *matchers]))
+    return walked
+
+
+def is_forward_auth(handler: JsonObject) -> bool:
+    """forward_auth adapts to a reverse_proxy that rewrites the request to GET /authz."""
+    rewrite = handler.get("rewrite", {})
+    return handler["handler"] == "reverse_proxy" and str(rewrite.get("uri", "")).startswith(
+        "/authz"
+    )
+
+
+def is_ollama_proxy(handler: JsonObject) -> bool:
+    """The reverse_proxy whose upstream is NZ_OLLAMA_URL."""
+    return handler["handler"] == "reverse_proxy" and handler.get("upstreams") == [
+        {"dial": "127.0.0.1:11500"}
+    ]
+
+
+def access_log_config(config: JsonObject) -> JsonObject:
+    """The logger Caddy writes the site's access lines to."""
+    logs: dict[str, JsonObject] = config["logging"]["logs"]
+    (access,) = [
+        log
+        for log in logs.values()
+        if any(name.startswith("http.log.access") for name in log.get("include", []))
+    ]
+    return access

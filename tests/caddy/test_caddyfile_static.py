@@ -1,0 +1,277 @@
+"""Static checks of caddy/: validate, fmt, and what `caddy adapt` makes of the gateway logic."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from policyd import contract
+from tests.caddy.caddy_json import (
+    TEST_ENV,
+    JsonObject,
+    access_log_config,
+    adapt,
+    gateway_handlers,
+    is_forward_auth,
+    is_ollama_proxy,
+)
+from tests.caddy.runner import (
+    DEV_CADDYFILE,
+    GATEWAY_SNIPPET,
+    PROD_CADDYFILE,
+    caddy_binary,
+)
+
+CADDYFILES = [DEV_CADDYFILE, PROD_CADDYFILE]
+MUTATIONS = ["pull", "push", "create", "copy", "delete", "blobs"]
+STRIPPED_UPSTREAM = {
+    "Authorization",
+    contract.H_BODY,
+    "Origin",
+    "X-Forwarded-Method",
+    "X-Forwarded-Uri",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """Every variable the Caddyfiles read, with paths under the test's own directory."""
+    return {
+        **TEST_ENV,
+        "NZ_ACCESS_LOG": str(tmp_path / "access.log"),
+        "NZ_POLICYD_SOCKET": str(tmp_path / "policyd.sock"),
+        "HOME": str(tmp_path),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+
+
+@pytest.fixture(params=CADDYFILES, ids=lambda path: path.name)
+def config(request: pytest.FixtureRequest, env: dict[str, str]) -> JsonObject:
+    """The adapted JSON of each Caddyfile."""
+    caddyfile: Path = request.param
+    return adapt(caddyfile, env=env)
+
+
+@pytest.mark.parametrize("caddyfile", CADDYFILES, ids=lambda path: path.name)
+def test_caddyfile_validates(caddyfile: Path, env: dict[str, str]) -> None:
+    """`caddy validate` accepts both Caddyfiles with the environment set."""
+    done = subprocess.run(
+        [caddy_binary(), "validate", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Valid configuration" in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "path", [*CADDYFILES, GATEWAY_SNIPPET], ids=lambda path: path.name
+)
+def test_caddy_fmt_leaves_file_unchanged(path: Path) -> None:
+    """Every file in caddy/ is already formatted the way `caddy fmt` writes it."""
+    done = subprocess.run(
+        [caddy_binary(), "fmt", str(path)], capture_output=True, text=True, check=True
+    )
+    assert done.stdout == path.read_text()
+
+
+@pytest.mark.parametrize("caddyfile", CADDYFILES, ids=lambda path: path.name)
+def test_gateway_logic_lives_only_in_the_snippet(caddyfile: Path) -> None:
+    """Both Caddyfiles import the (gateway) snippet and hold no proxy logic of their own."""
+    lines = [line.strip() for line in caddyfile.read_text().splitlines()]
+    directives = {line.split()[0] for line in lines if line and not line.startswith("#")}
+    assert "import gateway.caddy" in lines
+    assert "import gateway" in lines
+    assert not directives & {"forward_auth", "reverse_proxy", "log_append", "route"}
+
+
+def test_mutation_block_runs_before_anything_else(config: JsonObject) -> None:
+    """The 403 for model management precedes request_body, forward_auth and the Ollama proxy."""
+    order = [handler for handler, _ in gateway_handlers(config)]
+    names = [handler["handler"] for handler in order]
+    refusal = next(
+        i for i, h in enumerate(order) if h.get("status_code") == 403 and "body" in h
+    )
+    auth = next(i for i, h in enumerate(order) if is_forward_auth(h))
+    ollama = next(i for i, h in enumerate(order) if is_ollama_proxy(h))
+    assert refusal < names.index("request_body") < auth < ollama
+    assert contract.AUTHZ_PATH in order[auth]["rewrite"]["uri"]
+
+
+def test_mutation_matcher_covers_every_endpoint_and_subpath(config: JsonObject) -> None:
+    """The path matcher in front of the 403 names each mutation endpoint with a trailing `*`."""
+    ((_, matchers),) = [
+        (h, m) for h, m in gateway_handlers(config) if h.get("status_code") == 403
+    ]
+    paths = [path for matcher in matchers for path in matcher.get("path", [])]
+    assert paths == [f"/api/{name}*" for name in MUTATIONS]
+
+
+def test_refusal_body_is_ollama_shaped_json(config: JsonObject) -> None:
+    """The 403 says why, in Ollama's error format, with a JSON content type."""
+    handlers = [h for h, _ in gateway_handlers(config)]
+    (refusal,) = [h for h in handlers if h.get("status_code") == 403]
+    assert refusal["body"] == (
+        '{"error":"forbidden path: model management endpoints are disabled on this gateway"}'
+    )
+    content_types = [
+        h["response"]["set"]["Content-Type"]
+        for h in handlers
+        if h["handler"] == "headers" and "Content-Type" in h.get("response", {}).get("set", {})
+    ]
+    assert content_types == [["application/json; charset=utf-8"]]
+
+
+def test_client_nz_headers_deleted_before_forward_auth(config: JsonObject) -> None:
+    """A wildcard request_header delete of X-Nz-* runs right before forward_auth."""
+    order = [handler for handler, _ in gateway_handlers(config)]
+    auth = next(i for i, h in enumerate(order) if is_forward_auth(h))
+    assert order[auth - 1] == {"handler": "headers", "request": {"delete": ["X-Nz-*"]}}
+
+
+def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: JsonObject) -> None:
+    """forward_auth adds X-Nz-Body and X-Request-Id and copies exactly contract.COPIED_HEADERS."""
+    (auth,) = [h for h, _ in gateway_handlers(config) if is_forward_auth(h)]
+    sent = auth["headers"]["request"]["set"]
+    assert sent[contract.H_BODY] == ["{http.request.body_base64}"]
+    assert sent[contract.H_REQUEST_ID] == ["{http.request.uuid}"]
+    assert auth["upstreams"] == [{"dial": "unix/" + str(Path(auth["upstreams"][0]["dial"][5:]))}]
+    (on_success,) = auth["handle_response"]
+    assert on_success["match"] == {"status_code": [2]}
+    copied = [
+        name
+        for route in on_success["routes"]
+        for handler in route["handle"]
+        if handler["handler"] == "headers"
+        for name in handler["request"].get("set", {})
+    ]
+    assert sorted(copied) == sorted(contract.COPIED_HEADERS + contract.RATE_LIMIT_HEADERS)
+
+
+def test_ollama_proxy_streams_and_strips_headers(config: JsonObject) -> None:
+    """The Ollama proxy flushes every chunk, sets Host and the id, and deletes client secrets."""
+    (ollama,) = [h for h, _ in gateway_handlers(config) if is_ollama_proxy(h)]
+    assert ollama["flush_interval"] == -1
+    request_ops = ollama["headers"]["request"]
+    assert set(request_ops["delete"]) == STRIPPED_UPSTREAM
+    assert request_ops["set"] == {
+        "Host": ["{http.reverse_proxy.upstream.hostport}"],
+        "X-Request-Id": ["{http.request.uuid}"],
+    }
+
+
+def test_log_append_fields_match_contract(config: JsonObject) -> None:
+    """After forward_auth, log_append adds every contract.LOG_FIELDS entry; bodies when flagged."""
+    walked = gateway_handlers(config)
+    auth = next(i for i, (h, _) in enumerate(walked) if is_forward_auth(h))
+    appended = {
+        h["key"]: (h["value"], m, i)
+        for i, (h, m) in enumerate(walked)
+        if h["handler"] == "log_append"
+    }
+    expected = {
+        field: f"{{http.request.header.{header}}}" for field, header in contract.LOG_FIELDS.items()
+    }
+    bodies = {"resp_body", "req_body"}
+    assert {key: value for key, (value, _, _) in appended.items() if key not in bodies} == expected
+    assert all(index > auth for _, _, index in appended.values())
+    value, matchers, _ = appended["resp_body"]
+    assert value == "{http.response.body}"
+    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_CAPTURE: ["1"]}}]
+    value, matchers, _ = appended["req_body"]
+    assert value == "{http.request.body}"
+    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_PROMPT_LOG: ["1"]}}]
+
+
+def test_request_body_bounded_by_setting(env: dict[str, str]) -> None:
+    """request_body max_size follows NZ_MAX_BODY_BYTES and defaults to 8 MiB."""
+    for value, expected in (("1048576", 1048576), (None, 8388608)):
+        run_env = {k: v for k, v in env.items() if k != "NZ_MAX_BODY_BYTES"}
+        if value is not None:
+            run_env["NZ_MAX_BODY_BYTES"] = value
+        handlers = [h for h, _ in gateway_handlers(adapt(DEV_CADDYFILE, env=run_env))]
+        (body,) = [h for h in handlers if h["handler"] == "request_body"]
+        assert body["max_size"] == expected
+
+
+def test_probes_go_to_policyd_without_auth(config: JsonObject, env: dict[str, str]) -> None:
+    """/healthz and /readyz are proxied to policyd's socket ahead of forward_auth."""
+    walked = gateway_handlers(config)
+    auth = next(i for i, (h, _) in enumerate(walked) if is_forward_auth(h))
+    ((index, probe),) = [
+        (i, h)
+        for i, (h, m) in enumerate(walked)
+        if h["handler"] == "reverse_proxy" and {"path": ["/healthz", "/readyz"]} in m
+    ]
+    assert index < auth
+    assert probe["upstreams"] == [{"dial": f"unix/{env['NZ_POLICYD_SOCKET']}"}]
+
+
+def test_access_log_rolls_uncompressed_and_filters_headers(
+    config: JsonObject, env: dict[str, str]
+) -> None:
+    """The access log is Caddy's rolling file writer, 0640, without client X-Nz-* or X-Api-Key."""
+    access = access_log_config(config)
+    assert access["writer"] == {
+        "output": "file",
+        "filename": env["NZ_ACCESS_LOG"],
+        "mode": "0640",
+        "roll_gzip": False,
+        "roll_keep": 10,
+        "roll_size_mb": 100,
+    }
+    encoder = access["encoder"]
+    assert encoder["format"] == "filter"
+    assert encoder["wrap"] == {"format": "json"}
+    nz_names = {
+        value
+        for name, value in vars(contract).items()
+        if name.startswith("H_") and str(value).startswith("X-Nz-")
+    }
+    assert encoder["fields"] == {
+        f"request>headers>{name}": {"filter": "delete"} for name in {*nz_names, "X-Api-Key"}
+    }
+    default = config["logging"]["logs"]["default"]
+    assert default["encoder"] == {"format": "json"}
+    assert set(access["include"]) <= set(default["exclude"])
+
+
+def test_dev_listens_on_loopback_by_default(env: dict[str, str]) -> None:
+    """Without NZ_LISTEN the dev gateway binds 127.0.0.1:8080 only, plain HTTP, no admin API."""
+    config = adapt(DEV_CADDYFILE, env=env)
+    (server,) = config["apps"]["http"]["servers"].values()
+    assert server["listen"] == ["127.0.0.1:8080"]
+    assert server["automatic_https"]["disable"] is True
+    assert config["admin"] == {"disabled": True}
+
+
+def test_dev_listen_address_follows_setting(env: dict[str, str]) -> None:
+    """NZ_LISTEN=:PORT listens on every interface with no Host matcher (for containers)."""
+    config = adapt(DEV_CADDYFILE, env={**env, "NZ_LISTEN": ":8081"})
+    (server,) = config["apps"]["http"]["servers"].values()
+    assert server["listen"] == [":8081"]
+    assert all("match" not in route for route in server["routes"])
+
+
+def test_prod_serves_tls_for_domain_with_hsts(env: dict[str, str]) -> None:
+    """The production site is NZ_DOMAIN on :443 (automatic HTTPS) and sends HSTS everywhere."""
+    config = adapt(PROD_CADDYFILE, env=env)
+    (server,) = config["apps"]["http"]["servers"].values()
+    assert server["listen"] == [":443"]
+    assert server["routes"][0]["match"] == [{"host": [env["NZ_DOMAIN"]]}]
+    assert "automatic_https" not in server
+    security = next(
+        h["response"]
+        for h, _ in gateway_handlers(config)
+        if "Strict-Transport-Security" in h.get("response", {}).get("set", {})
+    )
+    assert security["deferred"] is True
+    assert security["set"]["Strict-Transport-Security"] == ["max-age=63072000; includeSubDomains"]
+    assert security["set"]["X-Content-Type-Options"] == ["nosniff"]
+    assert "Server" in security["delete"]
+    assert config["admin"] == {"disabled": True}
