@@ -11,14 +11,14 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from meterd.schema import metadata as meterd_metadata
 from policyd.schema import metadata as policyd_metadata
 
 config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-# meterd's tables join this list when meterd owns some.
-target_metadata = [policyd_metadata]
+target_metadata = [policyd_metadata, meterd_metadata]
 
 
 def _database_url() -> str:

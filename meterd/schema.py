@@ -1,0 +1,162 @@
+"""meterd's tables: the audit log, the usage ledger, the prompt log, checkpoints, calibration.
+
+Alembic (`migrations/versions/0002_meterd.py`) builds them; this module is the SQLAlchemy
+view meterd writes through. No table references policyd's: a key may be deleted while
+its audit history stays, and the two daemons own their tables separately.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import INET, UUID
+
+from meterd.usage import SUMS
+
+__all__ = [
+    "USAGE_SOURCES",
+    "audit_log",
+    "metadata",
+    "meter_calibration",
+    "meter_checkpoints",
+    "prompt_log",
+    "usage_ledger",
+]
+
+metadata: Final = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+USAGE_SOURCES: Final = ("exact", "estimated", "reserved")
+
+audit_log: Final = Table(
+    "audit_log",
+    metadata,
+    #: Caddy's {http.request.uuid}: the same id policyd, Ollama and the client saw.
+    Column("request_id", UUID(as_uuid=True), nullable=False),
+    #: When the request started (UTC).
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("tenant_id", UUID(as_uuid=True)),
+    Column("key_id", UUID(as_uuid=True)),
+    Column("key_prefix", Text),
+    Column("method", Text, nullable=False),
+    #: Path only: a query string may carry secrets.
+    Column("path", Text, nullable=False),
+    Column("surface", Text),
+    Column("model", Text),
+    Column("stream", Boolean),
+    Column("status", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column(
+        "usage_source",
+        Text,
+        CheckConstraint("usage_source IN ('exact', 'estimated', 'reserved')", name="source"),
+        nullable=False,
+    ),
+    #: What admission reserved (estimated prompt + max output); NULL when nothing was.
+    Column("reserved_tokens", BigInteger),
+    Column("bytes_in", BigInteger, nullable=False),
+    Column("bytes_out", BigInteger, nullable=False),
+    Column("duration_ms", BigInteger, nullable=False),
+    #: Until Ollama sent its response headers (the first chunk of a stream).
+    Column("ttfb_ms", BigInteger),
+    Column("client_ip", INET),
+    Column("user_agent", Text),
+    #: policyd's refusal code for refused requests.
+    Column("refusal", Text),
+    #: The meterd node (and so the Caddy) that logged the request.
+    Column("node", Text, nullable=False),
+    Column("settled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("request_id", name="pk_audit_log"),
+)
+
+usage_ledger: Final = Table(
+    "usage_ledger",
+    metadata,
+    Column("key_id", UUID(as_uuid=True), nullable=False),
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    #: UTC day the requests started.
+    Column("day", Date, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    #: Of the tokens above, how many were estimated or charged at the reservation.
+    Column("estimated_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("key_id", "day", name="pk_usage_ledger"),
+)
+
+prompt_log: Final = Table(
+    "prompt_log",
+    metadata,
+    Column("request_id", UUID(as_uuid=True), nullable=False),
+    Column("key_id", UUID(as_uuid=True), nullable=False),
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    #: The request body as the client sent it (cut at NZ_METERD_MAX_PROMPT_BYTES).
+    Column("body", Text, nullable=False),
+    Column("truncated", Boolean, nullable=False, server_default="false"),
+    PrimaryKeyConstraint("request_id", name="pk_prompt_log"),
+)
+
+meter_checkpoints: Final = Table(
+    "meter_checkpoints",
+    metadata,
+    Column("node", Text, nullable=False),
+    Column("log_path", Text, nullable=False),
+    #: File identity: st_dev and st_ino (stored as signed 64-bit).
+    Column("dev", BigInteger, nullable=False),
+    Column("inode", BigInteger, nullable=False),
+    #: Every byte before this offset has been settled.
+    Column("byte_offset", BigInteger, nullable=False),
+    #: SHA-256 of the file's first `fingerprint_len` bytes: guards against inode reuse.
+    Column("fingerprint", LargeBinary, nullable=False),
+    Column("fingerprint_len", Integer, nullable=False),
+    Column("lines", BigInteger, nullable=False, server_default="0"),
+    Column("bad_lines", BigInteger, nullable=False, server_default="0"),
+    #: `ts` of the last settled request, for lag.
+    Column("last_event_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("node", "log_path", name="pk_meter_checkpoints"),
+)
+
+meter_calibration: Final = Table(
+    "meter_calibration",
+    metadata,
+    Column("model", Text, nullable=False),
+    Column("path", Text, nullable=False),
+    # Exponentially weighted sums over exact observations (meterd/usage.py: SUMS).
+    *(Column(name, Double, nullable=False) for name in SUMS),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("model", "path", name="pk_meter_calibration"),
+)
+
+Index("ix_audit_log_ts", audit_log.c.ts)
+Index("ix_audit_log_tenant_id_ts", audit_log.c.tenant_id, audit_log.c.ts)
+Index("ix_audit_log_key_id_ts", audit_log.c.key_id, audit_log.c.ts)
+Index("ix_usage_ledger_tenant_id_day", usage_ledger.c.tenant_id, usage_ledger.c.day)
+Index("ix_prompt_log_expires_at", prompt_log.c.expires_at)

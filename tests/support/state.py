@@ -1,0 +1,45 @@
+"""Reset the shared Postgres and Redis between tests.
+
+The schema is built once per session by `alembic upgrade head`; between tests only the
+rows go. Truncating every table in `public` (except alembic's own) means new tables
+need no change here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import redis
+
+from tests.support.services import PostgresServer
+
+__all__ = ["flush_redis", "reset_database"]
+
+_TRUNCATE_ALL: Final = """
+DO $$
+DECLARE tables text;
+BEGIN
+    SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
+      INTO tables
+      FROM pg_tables
+     WHERE schemaname = 'public' AND tablename <> 'alembic_version';
+    IF tables IS NOT NULL THEN
+        EXECUTE 'TRUNCATE ' || tables || ' RESTART IDENTITY CASCADE';
+    END IF;
+END
+$$;
+"""
+
+
+def reset_database(server: PostgresServer) -> None:
+    """Empty every table in the public schema except alembic_version."""
+    server.psql(_TRUNCATE_ALL)
+
+
+def flush_redis(url: str) -> None:
+    """Drop every key in every Redis database of the server at `url`."""
+    client = redis.Redis.from_url(url, socket_timeout=5.0)
+    try:
+        client.flushall()
+    finally:
+        client.close()
