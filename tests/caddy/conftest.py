@@ -22,7 +22,7 @@ def running_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
     upstream = FakeUpstream()
     port = free_port()
     env = {
-        "NZ_LISTEN": f"127.0.0.1:{port}",
+        "NZ_HTTP_PORT": str(port),
         "NZ_ACCESS_LOG": str(workdir / "access.log"),
         "NZ_POLICYD_SOCKET": str(socket_path),
         "NZ_OLLAMA_URL": f"http://127.0.0.1:{upstream.port}",

@@ -242,7 +242,7 @@ def test_access_log_rolls_uncompressed_and_filters_headers(
 
 
 def test_dev_listens_on_loopback_by_default(env: dict[str, str]) -> None:
-    """Without NZ_LISTEN the dev gateway binds 127.0.0.1:8080 only, plain HTTP, no admin API."""
+    """By default the dev gateway binds 127.0.0.1:8080 only, plain HTTP, no admin API."""
     config = adapt(DEV_CADDYFILE, env=env)
     (server,) = config["apps"]["http"]["servers"].values()
     assert server["listen"] == ["127.0.0.1:8080"]
@@ -251,10 +251,10 @@ def test_dev_listens_on_loopback_by_default(env: dict[str, str]) -> None:
 
 
 def test_dev_listen_address_follows_setting(env: dict[str, str]) -> None:
-    """NZ_LISTEN=:PORT listens on every interface with no Host matcher (for containers)."""
-    config = adapt(DEV_CADDYFILE, env={**env, "NZ_LISTEN": ":8081"})
+    """NZ_BIND and NZ_HTTP_PORT choose the listener; there is never a Host matcher."""
+    config = adapt(DEV_CADDYFILE, env={**env, "NZ_BIND": "0.0.0.0", "NZ_HTTP_PORT": "8081"})
     (server,) = config["apps"]["http"]["servers"].values()
-    assert server["listen"] == [":8081"]
+    assert server["listen"] == ["0.0.0.0:8081"]
     assert all("match" not in route for route in server["routes"])
 
 

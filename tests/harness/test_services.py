@@ -30,8 +30,8 @@ _TRIVIAL_CADDYFILE = """\
 \tauto_https off
 }
 
-http://{$NZ_LISTEN} {
-\tbind {$NZ_LISTEN}
+http://:{$NZ_HTTP_PORT} {
+\tbind {$NZ_BIND}
 \trespond "hello {$NZ_GREETING}" 200
 }
 """

@@ -546,7 +546,7 @@ class PolicydServer:
 class CaddyServer:
     """`caddy run` with a Caddyfile whose settings come from `settings` (NZ_* env).
 
-    NZ_LISTEN is set from `port`. The Caddyfile must say `admin off`, or parallel Caddys
+    NZ_HTTP_PORT is set from `port` (bound to 127.0.0.1). The Caddyfile must say `admin off`, or parallel Caddys
     would fight over the admin port. Caddy's own state goes under `state_dir`, not $HOME.
     """
 
@@ -576,7 +576,8 @@ class CaddyServer:
         env = base_env(
             {
                 **self.settings,
-                "NZ_LISTEN": f"127.0.0.1:{self.port}",
+                "NZ_HTTP_PORT": str(self.port),
+                "NZ_BIND": "127.0.0.1",
                 "XDG_DATA_HOME": str(self.state_dir / "data"),
                 "XDG_CONFIG_HOME": str(self.state_dir / "config"),
             }

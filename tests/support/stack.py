@@ -196,7 +196,8 @@ class Stack:
                 **self._policyd_settings(),
                 "NZ_POLICYD_SOCKET": str(self.policyd_socket),
                 "NZ_ACCESS_LOG": str(self.access_log),
-                "NZ_LISTEN": f"127.0.0.1:{self.config.gateway_port}",
+                "NZ_HTTP_PORT": str(self.config.gateway_port),
+                "NZ_BIND": "127.0.0.1",
                 "NZ_MAX_BODY_BYTES": str(self.config.max_body_bytes),
             }
         )
