@@ -1,0 +1,201 @@
+"""Limits hold under concurrency, across processes, and when Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from policyd import limits_admin
+from tests.e2e.conftest import make_key
+from tests.support.services import PolicydServer, Service
+from tests.support.stack import Stack
+
+CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _set_limits(stack: Stack, values: dict[str, Any], *, key: str | None = None) -> None:
+    engine = create_async_engine(stack.database_url)
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        target = await limits_admin.resolve_target(engine, tenant=None if key else "acme", key=key)
+        await limits_admin.set_limits(engine, redis, target, values)
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def set_limits(stack: Stack, *, key: str | None = None, **values: Any) -> None:
+    """Set limits in-process with the CLI's code (key: a key prefix, else tenant acme)."""
+    asyncio.run(_set_limits(stack, values, key=key))
+
+
+async def authz(socket_path: Path, key: str, body: dict[str, Any]) -> int:
+    """Ask one policyd directly, exactly as Caddy's forward_auth does; return the status."""
+    encoded = base64.b64encode(json.dumps(body).encode()).decode()
+    request = (
+        "GET /authz HTTP/1.1\r\nHost: policyd\r\nConnection: close\r\n"
+        "X-Forwarded-Method: POST\r\nX-Forwarded-Uri: /api/chat\r\n"
+        f"X-Nz-Body: {encoded}\r\nAuthorization: Bearer {key}\r\n"
+        f"X-Request-Id: {uuid.uuid4()}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        status_line = await reader.readline()
+        await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(status_line.split()[1])
+
+
+@pytest.fixture
+def second_policyd(stack: Stack) -> Iterator[Path]:
+    """Another policyd process on its own socket, sharing the stack's Redis and Postgres."""
+    socket_path = stack.config.base_dir / "policyd-2.sock"
+    settings = {
+        name: stack.env[name]
+        for name in ("NZ_DATABASE_URL", "NZ_REDIS_URL", "NZ_OLLAMA_URL", "NZ_KEY_HMAC_SECRET")
+    }
+    service = Service(
+        PolicydServer(
+            socket_path=socket_path,
+            log_dir=stack.config.log_dir,
+            settings=settings,
+            name="policyd-2",
+        )
+    )
+    service.start()
+    try:
+        yield socket_path
+    finally:
+        service.stop()
+
+
+def test_rpm_holds_across_two_policyd_processes(
+    stack: Stack, tenant: str, second_policyd: Path
+) -> None:
+    """K parallel requests split over two policyds against an RPM of N: exactly N pass."""
+    key = make_key(stack)
+    set_limits(stack, key=key[:11], rpm=9)
+    sockets = [stack.policyd_socket, second_policyd]
+
+    async def burst() -> list[int]:
+        return list(await asyncio.gather(*(authz(sockets[i % 2], key, CHAT) for i in range(40))))
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 9
+    assert statuses.count(429) == 31
+
+
+def test_concurrency_limit_through_caddy(stack: Stack, gateway: str, tenant: str) -> None:
+    """M simultaneous streams against a concurrency of N: exactly N stream, the rest get 429."""
+    key = make_key(stack)
+    set_limits(stack, key=key[:11], concurrency=3)
+    body = {**CHAT, "options": {"num_predict": 120}}  # ~0.6 s at the stand-in's pace
+
+    async def stream_one(client: httpx.AsyncClient) -> tuple[int, int]:
+        async with client.stream("POST", f"{gateway}/api/chat", json=body) as reply:
+            chunks = 0
+            async for _ in reply.aiter_lines():
+                chunks += 1
+            return reply.status_code, chunks
+
+    async def run() -> list[tuple[int, int]]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(headers=headers, timeout=30) as client:
+            return list(await asyncio.gather(*(stream_one(client) for _ in range(12))))
+
+    results = asyncio.run(run())
+    admitted = [chunks for status, chunks in results if status == 200]
+    assert len(admitted) == 3
+    assert all(chunks > 5 for chunks in admitted)
+    assert sum(1 for status, _ in results if status == 429) == 9
+
+
+async def _seed_ledger(stack: Stack, key: str, tokens: int) -> None:
+    """Write settled usage into the ledger, as meterd does."""
+    engine = create_async_engine(stack.database_url)
+    try:
+        async with engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.text("SELECT id, tenant_id FROM api_keys WHERE prefix = :p"),
+                    {"p": key[:11]},
+                )
+            ).one()
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO usage_ledger (key_id, tenant_id, day, requests,"
+                    " prompt_tokens, completion_tokens) VALUES (:k, :t, :d, 1, :p, :c)"
+                ),
+                {
+                    "k": row.id,
+                    "t": row.tenant_id,
+                    "d": dt.datetime.now(dt.UTC).date(),
+                    "p": tokens // 2,
+                    "c": tokens - tokens // 2,
+                },
+            )
+    finally:
+        await engine.dispose()
+
+
+async def _day_used(stack: Stack, prefix: str) -> int:
+    engine = create_async_engine(stack.database_url)
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        target = await limits_admin.resolve_target(engine, tenant=None, key=prefix)
+        views = await limits_admin.usage(engine, redis, target)
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+    return next(v.used for v in views if v.name == "daily_tokens")
+
+
+def test_redis_outage_fails_closed_and_budgets_are_rebuilt(
+    stack: Stack, gateway: str, tenant: str
+) -> None:
+    """Redis down: only 503s. Redis back empty: budgets come back from the Postgres ledger."""
+    key = make_key(stack)
+    asyncio.run(_seed_ledger(stack, key, 4000))
+    set_limits(stack, daily_tokens=5000)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {**CHAT, "stream": False, "options": {"num_predict": 100}}
+    first = httpx.post(f"{gateway}/api/chat", json=body, headers=headers, timeout=10)
+    assert first.status_code == 200
+    before = asyncio.run(_day_used(stack, key[:11]))
+    assert before > 4000  # the ledger plus this request's reservation
+
+    stack.redis.stop()
+    try:
+        for _ in range(5):
+            reply = httpx.post(f"{gateway}/api/chat", json=body, headers=headers, timeout=10)
+            assert reply.status_code == 503
+            assert reply.headers["retry-after"] == "1"
+    finally:
+        stack.redis.start()
+
+    # Redis came back empty: the first request rebuilds the tenant from the ledger. The
+    # earlier reservation was never settled (no meterd here), so it is gone with Redis.
+    again = httpx.post(f"{gateway}/api/chat", json=body, headers=headers, timeout=10)
+    assert again.status_code == 200
+    after = asyncio.run(_day_used(stack, key[:11]))
+    assert after == before
+    big = {**CHAT, "stream": False, "options": {"num_predict": 900}}
+    refused = httpx.post(f"{gateway}/api/chat", json=big, headers=headers, timeout=10)
+    assert refused.status_code == 429
+    assert "daily token budget" in refused.json()["error"]
