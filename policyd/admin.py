@@ -87,7 +87,7 @@ class CreatedKey:
 
 
 def _check_tenant_name(name: str) -> None:
-    if not _TENANT_NAME.match(name):
+    if not _TENANT_NAME.fullmatch(name):
         raise AdminError(
             f"invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"

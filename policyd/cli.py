@@ -30,7 +30,7 @@ def _short(value: dt.datetime | None) -> str:
 def parse_expiry(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`30d`, `12h`, `2w`, a date (`2027-01-31`, end of that day UTC) or an ISO datetime."""
     current = now or dt.datetime.now(dt.UTC)
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if match:
         return current + dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
     try:

@@ -133,7 +133,7 @@ def screen_request(
         return _refuse(surface, Reason.CLOUD_MODEL, str(exc))
     except BodyError as exc:
         return _refuse(surface, Reason.BAD_BODY, str(exc))
-    if facts.model is not None and not _MODEL_NAME.match(facts.model):
+    if facts.model is not None and not _MODEL_NAME.fullmatch(facts.model):
         return _refuse(surface, Reason.BAD_BODY, "invalid model name")
     return Screened(surface, endpoint, facts)
 
@@ -213,7 +213,7 @@ def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[t
     ]
     if facts is None:
         headers.append((H_STREAM, "0"))
-        if endpoint.path_model is not None and _MODEL_NAME.match(endpoint.path_model):
+        if endpoint.path_model is not None and _MODEL_NAME.fullmatch(endpoint.path_model):
             headers.append((H_MODEL, endpoint.path_model))
         return headers
     if facts.model is not None:

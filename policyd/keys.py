@@ -65,7 +65,7 @@ class GeneratedKey:
 
 def parse_key(value: str) -> ParsedKey | None:
     """Return the key's parts if `value` has the key format, else None (no secret work)."""
-    match = _KEY_RE.match(value)
+    match = _KEY_RE.fullmatch(value)
     if match is None:
         return None
     return ParsedKey(prefix=KEY_SCHEME + match.group(1), full=value)
@@ -73,7 +73,7 @@ def parse_key(value: str) -> ParsedKey | None:
 
 def is_prefix(value: str) -> bool:
     """True if `value` looks like a key prefix such as `nz_ab12cd34`."""
-    return _PREFIX_RE.match(value) is not None
+    return _PREFIX_RE.fullmatch(value) is not None
 
 
 def generate_key() -> GeneratedKey:

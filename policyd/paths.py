@@ -135,13 +135,13 @@ def classify_target(method: str, target: str) -> PathVerdict:
         return PathVerdict(None, PathRefusal.MUTATION)
     if path.startswith(_MODEL_PATH):
         segment = path[len(_MODEL_PATH) :]
-        if not _MODEL_SEGMENT.match(segment) or segment in {".", ".."}:
+        if not _MODEL_SEGMENT.fullmatch(segment) or segment in {".", ".."}:
             return PathVerdict(None, PathRefusal.NON_CANONICAL)
         endpoint = Endpoint(
             "/v1/models/{model}", _GET_ONLY, _OPENAI, EndpointKind.INFO, unquote(segment)
         )
     else:
-        if not _CANONICAL_PATH.match(path) or not _segments_clean(path):
+        if not _CANONICAL_PATH.fullmatch(path) or not _segments_clean(path):
             return PathVerdict(None, PathRefusal.NON_CANONICAL)
         found = _ALLOWLIST.get(path)
         if found is None:

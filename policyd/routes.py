@@ -60,7 +60,7 @@ def _refusal_response(refusal: Refusal, surface: Surface, request_id: str) -> Re
     return Response(content=body, status_code=status, headers=dict(headers), media_type=_JSON)
 
 
-@get(AUTHZ_PATH, sync_to_thread=False, include_in_schema=False)
+@get(AUTHZ_PATH, include_in_schema=False)
 async def authz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Decide one request for Caddy: 2xx with X-Nz-* headers, or the client's refusal."""
     services = _services(request)
@@ -119,13 +119,13 @@ _AUTH_MESSAGES: Final = {
 }
 
 
-@get("/healthz", sync_to_thread=False, include_in_schema=False)
+@get("/healthz", include_in_schema=False)
 async def healthz() -> Response[bytes]:
     """Liveness: the process answers. Says nothing about its dependencies."""
     return Response(content=b'{"status":"ok"}', media_type=_JSON)
 
 
-@get("/readyz", sync_to_thread=False, include_in_schema=False)
+@get("/readyz", include_in_schema=False)
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Readiness: 200 only when Postgres, Redis and Ollama all answer; else 503 naming them."""
     services = _services(request)
