@@ -28,9 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import INET, UUID
 
-from meterd.usage import SUMS
-
 __all__ = [
+    "CALIBRATION_SUMS",
     "USAGE_SOURCES",
     "audit_log",
     "metadata",
@@ -50,6 +49,18 @@ metadata: Final = MetaData(
 )
 
 USAGE_SOURCES: Final = ("exact", "estimated", "reserved")
+CALIBRATION_SUMS: Final = (
+    "weight",
+    "prompt_weight",
+    "prompt_bytes",
+    "prompt_tokens",
+    "prompt_bytes_sq",
+    "prompt_cross",
+    "content_bytes",
+    "completion_tokens",
+    "context_bytes",
+    "context_tokens",
+)
 
 audit_log: Final = Table(
     "audit_log",
@@ -149,8 +160,9 @@ meter_calibration: Final = Table(
     metadata,
     Column("model", Text, nullable=False),
     Column("path", Text, nullable=False),
-    # Exponentially weighted sums over exact observations (meterd/usage.py: SUMS).
-    *(Column(name, Double, nullable=False) for name in SUMS),
+    # Exponentially weighted sums over exact observations (the same names as
+    # meterd/usage.py: SUMS; this module stays import-light for Alembic).
+    *(Column(name, Double, nullable=False) for name in CALIBRATION_SUMS),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("model", "path", name="pk_meter_calibration"),
 )

@@ -1,0 +1,317 @@
+"""The meter loop: tail -> parse -> measure -> settle, in batches, until SIGTERM.
+
+- A batch is whatever complete lines the log has, up to NZ_METERD_BATCH_LINES: under
+  load batches fill up, when idle each request is settled within a poll interval.
+- A Postgres or Redis outage pauses settlement: the same batch is retried with
+  backoff, the checkpoint stays where it is, the heartbeat says "retrying", and the
+  lag grows until the store is back. Anything else is a bug and stops the daemon
+  loudly (its supervisor restarts it at the checkpoint).
+- Bad lines are counted and logged once, with their file and offset, never their text
+  (a line may hold a prompt); the checkpoint moves past them.
+- SIGTERM: stop taking new work once the log read at that moment is settled (for at
+  most NZ_METERD_DRAIN_S), commit, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+import sqlalchemy.exc as sa_errors
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from meterd import health
+from meterd.parse import BadLine, parse_line
+from meterd.settings import Settings
+from meterd.settle import Batch, Record, Store
+from meterd.tail import Checkpoint, Follower, Line, start_of
+from meterd.usage import Calibration, measure
+
+__all__ = ["Daemon", "is_outage", "run"]
+
+_log: Final = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+_FIRST_BACKOFF_S: Final = 0.5
+_RELOAD_CALIBRATION_S: Final = 600.0
+
+# Errors that mean "the store is unavailable right now", as opposed to a bug.
+_REDIS_OUTAGES: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+)
+_PG_OUTAGES: Final = (
+    sa_errors.OperationalError,
+    sa_errors.InterfaceError,
+    sa_errors.TimeoutError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` is Postgres or Redis being unavailable (retry) rather than a bug."""
+    if isinstance(exc, (*_REDIS_OUTAGES, *_PG_OUTAGES, OSError, asyncio.TimeoutError)):
+        return True
+    return isinstance(exc, sa_errors.DBAPIError) and exc.connection_invalidated
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived and the drain time is over."""
+
+
+class Daemon:
+    """One node's meter: owns the follower, the calibration and the counters."""
+
+    def __init__(self, settings: Settings, *, engine: AsyncEngine, redis: aioredis.Redis) -> None:
+        self.settings: Final = settings
+        self._redis = redis
+        self._store = Store(
+            engine,
+            redis,
+            node=settings.node,
+            log_path=settings.access_log,
+            prompt_retention_days=settings.prompt_retention_days,
+            max_prompt_bytes=settings.max_prompt_bytes,
+        )
+        self._calibration = Calibration()
+        self._stop = asyncio.Event()
+        self._drain_deadline: float | None = None
+        self._state = "ok"
+        self._lag_bytes = 0
+        self._last_started: float | None = None
+        self._lines = 0
+        self._bad_lines = 0
+        self._settled = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM: settle what the log holds now, then stop."""
+        if not self._stop.is_set():
+            _log.info("stop requested: draining for at most %gs", self.settings.drain_s)
+            self._drain_deadline = time.monotonic() + self.settings.drain_s
+            self._state = "draining"
+            self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        metering = asyncio.create_task(self._meter(), name="meter")
+        background = {
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._prune_loop(), name="prune"),
+        }
+        try:
+            await asyncio.wait({metering, *background}, return_when=asyncio.FIRST_COMPLETED)
+            if not metering.done():
+                # A background loop ended: only a bug does that. Stop loudly.
+                metering.cancel()
+                for task in background:
+                    if task.done():
+                        task.result()
+            try:
+                metering.result()
+            except _Stopped:
+                _log.warning("stopped before the backlog was settled; it is settled next start")
+        finally:
+            for task in (metering, *background):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, _Stopped):
+                    await task
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        _log.info(
+            "stopped: %d lines, %d settled, %d bad", self._lines, self._settled, self._bad_lines
+        )
+        return 0
+
+    async def _meter(self) -> None:
+        resume = await self._retry("load the checkpoint", self._store.load_checkpoint)
+        rows = await self._retry("load the calibration", self._store.load_calibration)
+        self._calibration.replace(rows)
+        follower = Follower(
+            self.settings.access_log, start=resume, max_line_bytes=self.settings.max_line_bytes
+        )
+        # After the last batch whose Redis step is done, not yet stored (see settle.py).
+        unstored: Checkpoint | None = None
+        reloaded = time.monotonic()
+        try:
+            while True:
+                lines, self._lag_bytes = await asyncio.to_thread(
+                    self._read, follower, self.settings.batch_lines
+                )
+                if not lines:
+                    if unstored is not None:
+                        await self._retry(
+                            "store the checkpoint", functools.partial(self._store.advance, unstored)
+                        )
+                        unstored = None
+                    if self._stop.is_set():
+                        return  # drained: everything written before SIGTERM is settled
+                    if self._lag_bytes == 0:
+                        self._last_started = None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.settings.poll_s)
+                    continue
+                if self._past_drain():
+                    raise _Stopped
+                batch = self._batch(lines)
+                await self._settle(batch, resume=resume or start_of(lines[0]))
+                resume = unstored = batch.checkpoint
+                if time.monotonic() - reloaded > _RELOAD_CALIBRATION_S:
+                    reloaded = time.monotonic()
+                    await self._reload_calibration()
+        finally:
+            follower.close()
+
+    @staticmethod
+    def _read(follower: Follower, max_lines: int) -> tuple[list[Line], int]:
+        lines = follower.read(max_lines)
+        return lines, follower.lag_bytes()
+
+    def _past_drain(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+
+    # --- one batch ------------------------------------------------------------------------
+
+    def _batch(self, lines: list[Line]) -> Batch:
+        records: list[Record] = []
+        bad = 0
+        for line in lines:
+            parsed = parse_line(line.data, truncated=line.truncated)
+            if isinstance(parsed, BadLine):
+                bad += 1
+                _log.warning(
+                    "skipping bad log line (inode %d, offset %d): %s",
+                    line.checkpoint.file.inode,
+                    line.start,
+                    parsed.reason,
+                )
+                continue
+            if parsed.is_probe:
+                continue
+            measured = measure(parsed, self._calibration)
+            records.append(
+                Record(event=parsed, usage=measured.usage, observation=measured.observation)
+            )
+        return Batch(
+            records=tuple(records),
+            checkpoint=lines[-1].checkpoint,
+            lines=len(lines),
+            bad_lines=bad,
+        )
+
+    async def _settle(self, batch: Batch, *, resume: Checkpoint) -> None:
+        outcome = await self._retry("settle", lambda: self._store.settle(batch, resume=resume))
+        for obs in outcome.observations:
+            self._calibration.learn(obs)
+        self._lines += batch.lines
+        self._bad_lines += batch.bad_lines
+        self._settled += outcome.inserted
+        if batch.records:
+            self._last_started = max(r.event.started for r in batch.records).timestamp()
+
+    async def _retry(self, what: str, action: Callable[[], Awaitable[_T]]) -> _T:
+        delay = _FIRST_BACKOFF_S
+        while True:
+            try:
+                result = await action()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                if self._stop.is_set() and self._past_drain():
+                    raise _Stopped from exc
+                self._state = "retrying"
+                _log.warning("cannot %s (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.settings.max_backoff_s)
+                continue
+            self._state = "draining" if self._stop.is_set() else "ok"
+            return result
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off; wake early for SIGTERM, and never sleep past the drain deadline."""
+        if self._drain_deadline is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+            return
+        await asyncio.sleep(max(min(seconds, self._drain_deadline - time.monotonic()), 0.0))
+
+    async def _reload_calibration(self) -> None:
+        # Other nodes learn too; their observations reach us through the table.
+        try:
+            self._calibration.replace(await self._store.load_calibration())
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            _log.warning("cannot reload the calibration (%s)", type(exc).__name__)
+
+    # --- background -----------------------------------------------------------------------
+
+    def beat(self) -> health.Beat:
+        now = time.time()
+        behind = self._lag_bytes > 0 and self._last_started is not None
+        return health.Beat(
+            node=self.settings.node,
+            at=now,
+            state=self._state,
+            lag_bytes=self._lag_bytes,
+            lag_seconds=round(now - self._last_started, 3)
+            if behind and self._last_started is not None
+            else 0.0,
+            lines=self._lines,
+            bad_lines=self._bad_lines,
+            settled=self._settled,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        ttl = self.settings.heartbeat_ttl_s
+        failing = False
+        while True:
+            try:
+                await health.publish(self._redis, self.beat(), ttl_s=ttl)
+                failing = False
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                if not failing:
+                    _log.warning("cannot write the heartbeat (%s)", type(exc).__name__)
+                failing = True
+            await asyncio.sleep(max(ttl / 3, 0.5))
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                deleted = await self._store.prune_prompts()
+                if deleted:
+                    _log.info("pruned %d expired prompts", deleted)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                _log.warning("cannot prune prompts (%s)", type(exc).__name__)
+            await asyncio.sleep(self.settings.prune_every_s)
+
+
+async def run(settings: Settings) -> int:
+    """Run the daemon until SIGTERM; returns the process exit code."""
+    engine = create_async_engine(
+        settings.database_url, pool_size=2, pool_pre_ping=True, connect_args={"timeout": 5}
+    )
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        return await Daemon(settings, engine=engine, redis=client).run()
+    finally:
+        await client.aclose()
+        await engine.dispose()

@@ -1,0 +1,132 @@
+"""meterd's settings, read once from an explicit environment mapping.
+
+Every problem is reported at once so an operator fixes the configuration in one go.
+Nothing here reads `os.environ` by itself: the entry point passes it in.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+_MAX_NODE_LEN: Final = 200
+
+
+class SettingsError(Exception):
+    """The environment does not describe a usable configuration."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything the meter daemon needs, validated. Defaults are documented in docs/metering.md."""
+
+    database_url: str = attrs.field(repr=False)
+    redis_url: str = attrs.field(repr=False)
+    #: Caddy's access log (NZ_ACCESS_LOG); rolled files are found beside it.
+    access_log: Path
+    #: Names this node's checkpoint and heartbeat; several nodes share one database.
+    node: str
+    #: Most lines settled in one Postgres transaction.
+    batch_lines: int = 500
+    #: How often an idle tail looks for new lines.
+    poll_s: float = 0.2
+    #: The heartbeat key expires this long after the last beat; `--check` fails after it.
+    heartbeat_ttl_s: int = 30
+    #: How often expired prompts are deleted.
+    prune_every_s: float = 3600.0
+    #: Retention for prompts when neither key nor tenant sets one.
+    prompt_retention_days: int = 30
+    #: Longest access-log line kept whole; longer ones keep their head (see parse.py).
+    max_line_bytes: int = 64 * 1024 * 1024
+    #: Longest request body stored in the prompt log (larger ones are cut and marked).
+    max_prompt_bytes: int = 1024 * 1024
+    #: After SIGTERM, how long meterd keeps settling what is already in the log.
+    drain_s: float = 20.0
+    #: Ceiling of the retry backoff while Postgres or Redis is unavailable.
+    max_backoff_s: float = 30.0
+    log_level: str = "INFO"
+
+
+def _required(env: Mapping[str, str], name: str, errors: list[str]) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        errors.append(f"{name} is required")
+    return value
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    errors: list[str],
+    *,
+    integer: bool,
+    minimum: float = 0.0,
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        errors.append(f"{name} must be {kind}, got {raw!r}")
+        return default
+    if not value > minimum:
+        errors.append(f"{name} must be greater than {minimum:g}, got {raw!r}")
+        return default
+    return value
+
+
+def _check_scheme(name: str, value: str, schemes: tuple[str, ...], errors: list[str]) -> None:
+    if value and urlsplit(value).scheme not in schemes:
+        errors.append(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build settings from `env` (normally `os.environ`); raise listing every problem."""
+    errors: list[str] = []
+    database_url = _required(env, "NZ_DATABASE_URL", errors)
+    _check_scheme("NZ_DATABASE_URL", database_url, ("postgresql+asyncpg",), errors)
+    redis_url = _required(env, "NZ_REDIS_URL", errors)
+    _check_scheme("NZ_REDIS_URL", redis_url, ("redis", "rediss", "unix"), errors)
+    access_log = _required(env, "NZ_ACCESS_LOG", errors)
+    if access_log and not Path(access_log).is_absolute():
+        errors.append("NZ_ACCESS_LOG must be an absolute path")
+    node = env.get("NZ_METERD_NODE", "").strip() or socket.gethostname()
+    if len(node) > _MAX_NODE_LEN or not node.isprintable():
+        errors.append(f"NZ_METERD_NODE must be 1-{_MAX_NODE_LEN} printable characters")
+
+    def num(name: str, default: float, *, integer: bool = False, minimum: float = 0.0) -> float:
+        return _number(env, name, default, errors, integer=integer, minimum=minimum)
+
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        access_log=Path(access_log),
+        node=node,
+        batch_lines=int(num("NZ_METERD_BATCH_LINES", 500, integer=True)),
+        poll_s=num("NZ_METERD_POLL_S", 0.2),
+        heartbeat_ttl_s=int(num("NZ_METERD_HEARTBEAT_TTL_S", 30, integer=True, minimum=2)),
+        prune_every_s=num("NZ_METERD_PRUNE_EVERY_S", 3600.0),
+        prompt_retention_days=int(num("NZ_METERD_PROMPT_RETENTION_DAYS", 30, integer=True)),
+        max_line_bytes=int(
+            num("NZ_METERD_MAX_LINE_BYTES", 64 * 1024 * 1024, integer=True, minimum=4095)
+        ),
+        max_prompt_bytes=int(num("NZ_METERD_MAX_PROMPT_BYTES", 1024 * 1024, integer=True)),
+        drain_s=num("NZ_METERD_DRAIN_S", 20.0),
+        max_backoff_s=num("NZ_METERD_MAX_BACKOFF_S", 30.0),
+        log_level=env.get("NZ_METERD_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+    )
+    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        errors.append("NZ_METERD_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    if errors:
+        raise SettingsError("; ".join(errors))
+    return settings

@@ -1,0 +1,454 @@
+"""Operator commands on what meterd settled: `audit`, `usage`, `prune-prompts`.
+
+meterd owns these tables; this module reads them through lightweight `sa.table()`
+descriptions (policyd and meterd do not import each other). Register the commands on the
+`neuronetz-gateway` group with `cli.add_command(...)`. Like every command: `--json` for
+machines, one line on stderr and exit 1 on errors, never a key or a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, NoReturn, TypeVar
+
+import rich_click as click
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.dialects.postgresql import INET, UUID
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from policyd.schema import api_keys, tenants
+
+__all__ = ["audit", "prune_expired_prompts", "prune_prompts", "settled_usage", "usage"]
+
+_T = TypeVar("_T")
+_EXIT_ERROR: Final = 1
+_MAX_LIMIT: Final = 1000
+_PRUNE_CHUNK: Final = 10_000
+_AGO: Final = re.compile(r"^(\d+)([smhdw])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_STATUS_CLASS: Final = re.compile(r"^([1-5])xx$")
+
+# meterd's tables, as far as these commands read them.
+audit_log: Final = sa.table(
+    "audit_log",
+    sa.column("request_id", UUID(as_uuid=True)),
+    sa.column("ts", sa.DateTime(timezone=True)),
+    sa.column("tenant_id", UUID(as_uuid=True)),
+    sa.column("key_id", UUID(as_uuid=True)),
+    sa.column("key_prefix", sa.Text),
+    sa.column("method", sa.Text),
+    sa.column("path", sa.Text),
+    sa.column("surface", sa.Text),
+    sa.column("model", sa.Text),
+    sa.column("stream", sa.Boolean),
+    sa.column("status", sa.Integer),
+    sa.column("prompt_tokens", sa.BigInteger),
+    sa.column("completion_tokens", sa.BigInteger),
+    sa.column("usage_source", sa.Text),
+    sa.column("reserved_tokens", sa.BigInteger),
+    sa.column("bytes_in", sa.BigInteger),
+    sa.column("bytes_out", sa.BigInteger),
+    sa.column("duration_ms", sa.BigInteger),
+    sa.column("ttfb_ms", sa.BigInteger),
+    sa.column("client_ip", INET),
+    sa.column("user_agent", sa.Text),
+    sa.column("refusal", sa.Text),
+    sa.column("node", sa.Text),
+)
+usage_ledger: Final = sa.table(
+    "usage_ledger",
+    sa.column("key_id", UUID(as_uuid=True)),
+    sa.column("tenant_id", UUID(as_uuid=True)),
+    sa.column("day", sa.Date),
+    sa.column("requests", sa.BigInteger),
+    sa.column("prompt_tokens", sa.BigInteger),
+    sa.column("completion_tokens", sa.BigInteger),
+    sa.column("estimated_tokens", sa.BigInteger),
+)
+prompt_log: Final = sa.table(
+    "prompt_log",
+    sa.column("request_id", UUID(as_uuid=True)),
+    sa.column("expires_at", sa.DateTime(timezone=True)),
+)
+
+
+class _UsageError(Exception):
+    """A request the operator can fix; the message says how."""
+
+
+# --- shared plumbing -----------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(_EXIT_ERROR)
+
+
+def _database_target(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "the configured database"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+def _run(action: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:
+    url = os.environ.get("NZ_DATABASE_URL", "").strip()
+    if not url:
+        _fail("NZ_DATABASE_URL is not set")
+
+    async def go() -> _T:
+        try:
+            engine = create_async_engine(url, pool_size=1, connect_args={"timeout": 5})
+        except ArgumentError:
+            _fail("NZ_DATABASE_URL is not a valid database URL")
+        try:
+            return await action(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(go())
+    except _UsageError as exc:
+        _fail(str(exc))
+    except (SQLAlchemyError, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        _fail(f"cannot use the database at {_database_target(url)} ({type(cause).__name__})")
+
+
+def parse_moment(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
+    """`24h`/`7d`/`30m`/`2w` ago, a date (its start, UTC) or an ISO datetime."""
+    current = now or dt.datetime.now(dt.UTC)
+    value = text.strip()
+    match = _AGO.match(value)
+    if match:
+        return current - dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return dt.datetime.combine(dt.date.fromisoformat(value), dt.time(), tzinfo=dt.UTC)
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T12:00:00Z"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
+    return parse_moment(value) if value is not None else None
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+async def _tenant_id(conn: Any, name: str) -> Any:
+    found = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).first()
+    if found is None:
+        raise _UsageError(f"unknown tenant {name!r}")
+    return found.id
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+_tenant_option = click.option("--tenant", default=None, help="Only this tenant (by name).")
+_key_option = click.option("--key", "prefix", default=None, help="Only this key (by prefix).")
+_since_option = click.option(
+    "--since", default=None, callback=_moment, help="From: 24h, 7d, a date or ISO datetime."
+)
+_until_option = click.option(
+    "--until", default=None, callback=_moment, help="Before: 1h, a date or ISO datetime."
+)
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+async def audit_rows(
+    engine: AsyncEngine,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    status: str | None = None,
+    model: str | None = None,
+    limit: int = 50,
+    page: int = 1,
+) -> list[dict[str, Any]]:
+    """Audit rows, newest first, as plain dicts (what `audit --json` prints)."""
+    a = audit_log.c
+    stmt = (
+        sa.select(audit_log, tenants.c.name.label("tenant"))
+        .select_from(audit_log.outerjoin(tenants, tenants.c.id == a.tenant_id))
+        .order_by(a.ts.desc(), a.request_id)
+        .limit(limit)
+        .offset((page - 1) * limit)
+    )
+    async with engine.connect() as conn:
+        if tenant is not None:
+            stmt = stmt.where(a.tenant_id == await _tenant_id(conn, tenant))
+        if prefix is not None:
+            stmt = stmt.where(a.key_prefix == prefix)
+        if since is not None:
+            stmt = stmt.where(a.ts >= since)
+        if until is not None:
+            stmt = stmt.where(a.ts < until)
+        if model is not None:
+            stmt = stmt.where(a.model == model)
+        if status is not None:
+            stmt = stmt.where(_status_filter(status))
+        rows = (await conn.execute(stmt)).all()
+    return [_audit_dict(row._mapping) for row in rows]
+
+
+def _status_filter(status: str) -> sa.ColumnElement[bool]:
+    value = status.strip().lower()
+    match = _STATUS_CLASS.match(value)
+    if match:
+        low = int(match.group(1)) * 100
+        return sa.and_(audit_log.c.status >= low, audit_log.c.status < low + 100)
+    if value.isdigit() and len(value) == 3:
+        return audit_log.c.status == int(value)
+    raise _UsageError(f"invalid status {status!r}: use e.g. 200, 429 or 4xx")
+
+
+def _audit_dict(row: Any) -> dict[str, Any]:
+    return {
+        "request_id": str(row["request_id"]),
+        "ts": _iso(row["ts"]),
+        "tenant": row["tenant"],
+        "tenant_id": str(row["tenant_id"]) if row["tenant_id"] else None,
+        "key_prefix": row["key_prefix"],
+        "key_id": str(row["key_id"]) if row["key_id"] else None,
+        "method": row["method"],
+        "path": row["path"],
+        "model": row["model"],
+        "stream": row["stream"],
+        "status": row["status"],
+        "prompt_tokens": row["prompt_tokens"],
+        "completion_tokens": row["completion_tokens"],
+        "usage_source": row["usage_source"],
+        "reserved_tokens": row["reserved_tokens"],
+        "bytes_in": row["bytes_in"],
+        "bytes_out": row["bytes_out"],
+        "duration_ms": row["duration_ms"],
+        "ttfb_ms": row["ttfb_ms"],
+        "client_ip": str(row["client_ip"]) if row["client_ip"] is not None else None,
+        "user_agent": row["user_agent"],
+        "refusal": row["refusal"],
+        "node": row["node"],
+    }
+
+
+@click.command("audit")
+@_tenant_option
+@_key_option
+@_since_option
+@_until_option
+@click.option("--status", default=None, help="HTTP status (429) or class (4xx).")
+@click.option("--model", default=None, help="Only requests for this model (as requested).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, _MAX_LIMIT))
+@click.option("--page", default=1, show_default=True, type=click.IntRange(1), help="1 = newest.")
+@_json_option
+def audit(
+    tenant: str | None,
+    prefix: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    page: int,
+    as_json: bool,
+) -> None:
+    """Show the audit log: one row per request, newest first. Never keys or prompts."""
+    rows = _run(
+        lambda e: audit_rows(
+            e,
+            tenant=tenant,
+            prefix=prefix,
+            since=since,
+            until=until,
+            status=status,
+            model=model,
+            limit=limit,
+            page=page,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("time (UTC)", "tenant", "key", "request", "status", "model", "tokens", "ms")
+    for r in rows:
+        tokens = f"{r['prompt_tokens']}+{r['completion_tokens']}"
+        if r["usage_source"] != "exact":
+            tokens += f" ({r['usage_source']})"
+        table.add_row(
+            (r["ts"] or "")[:19].replace("T", " "),
+            r["tenant"] or "-",
+            r["key_prefix"] or "-",
+            f"{r['method']} {r['path']}",
+            str(r["status"]) + (f" {r['refusal']}" if r["refusal"] else ""),
+            r["model"] or "-",
+            tokens,
+            str(r["duration_ms"]),
+        )
+    Console().print(table)
+    if len(rows) == limit:
+        click.echo(f"more rows: --page {page + 1}", err=True)
+
+
+# --- usage ---------------------------------------------------------------------------------
+
+
+async def settled_usage(
+    engine: AsyncEngine,
+    *,
+    tenant: str | None = None,
+    prefix: str | None = None,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+    by: str = "day",
+) -> list[dict[str, Any]]:
+    """Settled usage per period (UTC day or month), tenant and key, from the ledger."""
+    u = usage_ledger.c
+    period = sa.func.date_trunc(by, u.day).label("period")
+    stmt = (
+        sa.select(
+            period,
+            tenants.c.name.label("tenant"),
+            api_keys.c.prefix.label("key_prefix"),
+            sa.func.sum(u.requests).label("requests"),
+            sa.func.sum(u.prompt_tokens).label("prompt_tokens"),
+            sa.func.sum(u.completion_tokens).label("completion_tokens"),
+            sa.func.sum(u.estimated_tokens).label("estimated_tokens"),
+        )
+        .select_from(
+            usage_ledger.outerjoin(tenants, tenants.c.id == u.tenant_id).outerjoin(
+                api_keys, api_keys.c.id == u.key_id
+            )
+        )
+        .group_by(period, tenants.c.name, api_keys.c.prefix)
+        .order_by(period, tenants.c.name, api_keys.c.prefix)
+    )
+    async with engine.connect() as conn:
+        if tenant is not None:
+            stmt = stmt.where(u.tenant_id == await _tenant_id(conn, tenant))
+        if prefix is not None:
+            stmt = stmt.where(api_keys.c.prefix == prefix)
+        if since is not None:
+            stmt = stmt.where(u.day >= since)
+        if until is not None:
+            stmt = stmt.where(u.day < until)
+        rows = (await conn.execute(stmt)).all()
+    shown = "%Y-%m-%d" if by == "day" else "%Y-%m"
+    return [
+        {
+            "period": r.period.strftime(shown),
+            "tenant": r.tenant,
+            "key_prefix": r.key_prefix,
+            "requests": int(r.requests),
+            "prompt_tokens": int(r.prompt_tokens),
+            "completion_tokens": int(r.completion_tokens),
+            "total_tokens": int(r.prompt_tokens + r.completion_tokens),
+            "estimated_tokens": int(r.estimated_tokens),
+        }
+        for r in rows
+    ]
+
+
+@click.command("usage")
+@_tenant_option
+@_key_option
+@_since_option
+@_until_option
+@click.option(
+    "--by",
+    type=click.Choice(["day", "month"]),
+    default="day",
+    show_default=True,
+    help="UTC calendar period.",
+)
+@_json_option
+def usage(
+    tenant: str | None,
+    prefix: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    by: str,
+    as_json: bool,
+) -> None:
+    """Settled token usage per day or month, per tenant and key (from meterd's ledger)."""
+    rows = _run(
+        lambda e: settled_usage(
+            e,
+            tenant=tenant,
+            prefix=prefix,
+            since=since.date() if since else None,
+            until=until.date() if until else None,
+            by=by,
+        )
+    )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(by, "tenant", "key", "requests", "prompt", "completion", "total", "estimated")
+    for r in rows:
+        table.add_row(
+            r["period"],
+            r["tenant"] or "-",
+            r["key_prefix"] or "-",
+            *(
+                str(r[f])
+                for f in (
+                    "requests",
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "total_tokens",
+                    "estimated_tokens",
+                )
+            ),
+        )
+    Console().print(table)
+
+
+# --- prune-prompts -------------------------------------------------------------------------
+
+
+async def prune_expired_prompts(engine: AsyncEngine) -> int:
+    """Delete logged prompts past their retention, in chunks; returns how many went."""
+    expired = (
+        sa.select(prompt_log.c.request_id)
+        .where(prompt_log.c.expires_at <= sa.func.now())
+        .limit(_PRUNE_CHUNK)
+        .scalar_subquery()
+    )
+    stmt = sa.delete(prompt_log).where(prompt_log.c.request_id.in_(expired))
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            deleted = (await conn.execute(stmt)).rowcount
+        total += deleted
+        if deleted < _PRUNE_CHUNK:
+            return total
+
+
+@click.command("prune-prompts")
+@_json_option
+def prune_prompts(as_json: bool) -> None:
+    """Delete logged prompts whose retention has passed (meterd also does this hourly)."""
+    deleted = _run(prune_expired_prompts)
+    if as_json:
+        click.echo(json.dumps({"deleted": deleted}))
+    else:
+        click.echo(f"deleted {deleted} expired prompt{'s' if deleted != 1 else ''}")

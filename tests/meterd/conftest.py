@@ -1,0 +1,94 @@
+"""Fixtures for meterd's tests: engine and Redis clients, tenants and keys, admission."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from policyd.contract import load_script, tenant_base
+from policyd.limits import Limiter
+from policyd.records import KeyRecord, Limits
+from policyd.schema import api_keys, tenants
+
+__all__: list[str] = []
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the migrated session database (tables emptied for this test)."""
+    built = create_async_engine(database_url, pool_size=2)
+    yield built
+    await built.dispose()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session Redis (flushed for this test)."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def create_key(
+    engine: AsyncEngine,
+    *,
+    prompt_logging: bool | None = None,
+    tenant_prompt_logging: bool | None = None,
+    retention_days: int | None = None,
+) -> KeyRecord:
+    """A tenant and key in policyd's tables, as the record policyd would cache."""
+    tenant_id, key_id = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(tenants).values(
+                id=tenant_id, name=f"t-{tenant_id.hex[:8]}", prompt_logging=tenant_prompt_logging
+            )
+        )
+        await conn.execute(
+            sa.insert(api_keys).values(
+                id=key_id,
+                tenant_id=tenant_id,
+                name="k",
+                prefix=f"nz_{key_id.hex[:8]}",
+                secret_hash="x",
+                prompt_logging=prompt_logging,
+                prompt_retention_days=retention_days,
+            )
+        )
+    return KeyRecord(
+        key_id=str(key_id),
+        prefix=f"nz_{key_id.hex[:8]}",
+        tenant_id=str(tenant_id),
+        tenant_name="t",
+        digest="d",
+        expires_at=None,
+        revoked=False,
+        key_limits=Limits(concurrency=1000),
+        tenant_limits=Limits(),
+    )
+
+
+def limiter(redis: aioredis.Redis) -> Limiter:
+    """policyd's admission against this Redis; tenants load empty (nothing spent yet)."""
+    source = load_script()
+
+    async def load_empty(rec: KeyRecord) -> None:
+        await redis.eval(source, 1, f"{tenant_base(rec.tenant_id)}loaded", 0)
+
+    return Limiter(redis=redis, load_tenant=load_empty, lease_ttl_s=600, timeout_s=5)
+
+
+async def spent(redis: aioredis.Redis, record: KeyRecord) -> int:
+    """The key's total-budget counter in Redis."""
+    value = await redis.get(f"{tenant_base(record.tenant_id)}tot:k:{record.key_id}")
+    return int(value or 0)
+
+
+async def leases(redis: aioredis.Redis, record: KeyRecord) -> int:
+    """Concurrency leases the key holds in Redis."""
+    return int(await redis.zcard(f"{tenant_base(record.tenant_id)}conc:k:{record.key_id}"))
