@@ -14,7 +14,7 @@ import rich_click as click
 from rich.console import Console
 from rich.table import Table
 
-from policyd import admin, cli_limits
+from policyd import admin, cli_audit, cli_limits
 from policyd.cli_base import fail, iso, json_option, need_redis, print_json, run
 
 __all__ = ["main"]
@@ -147,6 +147,8 @@ def revoke_key(prefix: str, as_json: bool) -> None:
 
 
 cli_limits.register(cli)
+cli.add_command(cli_audit.audit)
+cli.add_command(cli_audit.prune_prompts)
 
 
 def main() -> None:

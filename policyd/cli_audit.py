@@ -8,27 +8,31 @@ machines, one line on stderr and exit 1 on errors, never a key or a prompt.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-import os
 import re
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, TypeVar
 
 import rich_click as click
 import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.dialects.postgresql import INET, UUID
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from policyd.admin import AdminError
+from policyd.cli_base import iso, json_option, run
 from policyd.schema import api_keys, tenants
 
-__all__ = ["audit", "prune_expired_prompts", "prune_prompts", "settled_usage", "usage"]
+__all__ = [
+    "audit",
+    "parse_moment",
+    "prune_expired_prompts",
+    "prune_prompts",
+    "settled_usage",
+    "since_option",
+    "until_option",
+]
 
 _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
@@ -82,48 +86,7 @@ prompt_log: Final = sa.table(
 )
 
 
-class _UsageError(Exception):
-    """A request the operator can fix; the message says how."""
-
-
-# --- shared plumbing -----------------------------------------------------------------------
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(_EXIT_ERROR)
-
-
-def _database_target(url: str) -> str:
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return "the configured database"
-    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
-
-
-def _run(action: Callable[[AsyncEngine], Awaitable[_T]]) -> _T:
-    url = os.environ.get("NZ_DATABASE_URL", "").strip()
-    if not url:
-        _fail("NZ_DATABASE_URL is not set")
-
-    async def go() -> _T:
-        try:
-            engine = create_async_engine(url, pool_size=1, connect_args={"timeout": 5})
-        except ArgumentError:
-            _fail("NZ_DATABASE_URL is not a valid database URL")
-        try:
-            return await action(engine)
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(go())
-    except _UsageError as exc:
-        _fail(str(exc))
-    except (SQLAlchemyError, OSError) as exc:
-        cause = getattr(exc, "orig", None) or exc
-        _fail(f"cannot use the database at {_database_target(url)} ({type(cause).__name__})")
+# --- shared options -------------------------------------------------------------------------
 
 
 def parse_moment(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
@@ -148,24 +111,19 @@ def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     return parse_moment(value) if value is not None else None
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value else None
-
-
 async def _tenant_id(conn: Any, name: str) -> Any:
     found = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).first()
     if found is None:
-        raise _UsageError(f"unknown tenant {name!r}")
+        raise AdminError(f"unknown tenant {name!r}")
     return found.id
 
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _tenant_option = click.option("--tenant", default=None, help="Only this tenant (by name).")
 _key_option = click.option("--key", "prefix", default=None, help="Only this key (by prefix).")
-_since_option = click.option(
+since_option = click.option(
     "--since", default=None, callback=_moment, help="From: 24h, 7d, a date or ISO datetime."
 )
-_until_option = click.option(
+until_option = click.option(
     "--until", default=None, callback=_moment, help="Before: 1h, a date or ISO datetime."
 )
 
@@ -219,13 +177,13 @@ def _status_filter(status: str) -> sa.ColumnElement[bool]:
         return sa.and_(audit_log.c.status >= low, audit_log.c.status < low + 100)
     if value.isdigit() and len(value) == 3:
         return audit_log.c.status == int(value)
-    raise _UsageError(f"invalid status {status!r}: use e.g. 200, 429 or 4xx")
+    raise AdminError(f"invalid status {status!r}: use e.g. 200, 429 or 4xx")
 
 
 def _audit_dict(row: Any) -> dict[str, Any]:
     return {
         "request_id": str(row["request_id"]),
-        "ts": _iso(row["ts"]),
+        "ts": iso(row["ts"]),
         "tenant": row["tenant"],
         "tenant_id": str(row["tenant_id"]) if row["tenant_id"] else None,
         "key_prefix": row["key_prefix"],
@@ -253,13 +211,13 @@ def _audit_dict(row: Any) -> dict[str, Any]:
 @click.command("audit")
 @_tenant_option
 @_key_option
-@_since_option
-@_until_option
+@since_option
+@until_option
 @click.option("--status", default=None, help="HTTP status (429) or class (4xx).")
 @click.option("--model", default=None, help="Only requests for this model (as requested).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, _MAX_LIMIT))
 @click.option("--page", default=1, show_default=True, type=click.IntRange(1), help="1 = newest.")
-@_json_option
+@json_option
 def audit(
     tenant: str | None,
     prefix: str | None,
@@ -272,8 +230,8 @@ def audit(
     as_json: bool,
 ) -> None:
     """Show the audit log: one row per request, newest first. Never keys or prompts."""
-    rows = _run(
-        lambda e: audit_rows(
+    rows = run(
+        lambda e, _r: audit_rows(
             e,
             tenant=tenant,
             prefix=prefix,
@@ -283,7 +241,8 @@ def audit(
             model=model,
             limit=limit,
             page=page,
-        )
+        ),
+        redis=False,
     )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -367,61 +326,6 @@ async def settled_usage(
     ]
 
 
-@click.command("usage")
-@_tenant_option
-@_key_option
-@_since_option
-@_until_option
-@click.option(
-    "--by",
-    type=click.Choice(["day", "month"]),
-    default="day",
-    show_default=True,
-    help="UTC calendar period.",
-)
-@_json_option
-def usage(
-    tenant: str | None,
-    prefix: str | None,
-    since: dt.datetime | None,
-    until: dt.datetime | None,
-    by: str,
-    as_json: bool,
-) -> None:
-    """Settled token usage per day or month, per tenant and key (from meterd's ledger)."""
-    rows = _run(
-        lambda e: settled_usage(
-            e,
-            tenant=tenant,
-            prefix=prefix,
-            since=since.date() if since else None,
-            until=until.date() if until else None,
-            by=by,
-        )
-    )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(by, "tenant", "key", "requests", "prompt", "completion", "total", "estimated")
-    for r in rows:
-        table.add_row(
-            r["period"],
-            r["tenant"] or "-",
-            r["key_prefix"] or "-",
-            *(
-                str(r[f])
-                for f in (
-                    "requests",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "total_tokens",
-                    "estimated_tokens",
-                )
-            ),
-        )
-    Console().print(table)
-
-
 # --- prune-prompts -------------------------------------------------------------------------
 
 
@@ -444,10 +348,10 @@ async def prune_expired_prompts(engine: AsyncEngine) -> int:
 
 
 @click.command("prune-prompts")
-@_json_option
+@json_option
 def prune_prompts(as_json: bool) -> None:
     """Delete logged prompts whose retention has passed (meterd also does this hourly)."""
-    deleted = _run(prune_expired_prompts)
+    deleted = run(lambda e, _r: prune_expired_prompts(e), redis=False)
     if as_json:
         click.echo(json.dumps({"deleted": deleted}))
     else:

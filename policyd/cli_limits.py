@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Final
 
 import rich_click as click
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from policyd import limits_admin
+from policyd.cli_audit import settled_usage, since_option, until_option
 from policyd.cli_base import fail, json_option, need_redis, print_json, run
 
 __all__ = ["register"]
@@ -112,22 +114,67 @@ def register(cli: click.Group) -> None:
 
     @cli.command("usage")
     @_target_options
+    @since_option
+    @until_option
+    @click.option("--by", type=click.Choice(["day", "month"]), default="day", show_default=True)
     @json_option
-    def usage(tenant: str | None, key: str | None, as_json: bool) -> None:
-        """Live figures: requests and tokens in the last minute, in flight, and budgets used."""
+    def usage(
+        tenant: str | None,
+        key: str | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        by: str,
+        as_json: bool,
+    ) -> None:
+        """Live window and budget figures (for one tenant or key) and settled usage per period.
 
-        async def action(engine: Any, redis: Any) -> list[limits_admin.UsageView]:
-            target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
-            return await limits_admin.usage(engine, need_redis(redis), target)
+        Live figures come from Redis: requests and tokens in the last minute, requests in
+        flight, budgets used including open reservations. Settled figures come from
+        meterd's ledger, per UTC day or month.
+        """
+        one_target = (tenant is None) != (key is None)
 
-        views = run(action, redis=True)
+        async def action(engine: Any, redis: Any) -> dict[str, Any]:
+            live = None
+            if one_target:
+                target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
+                live = await limits_admin.usage(engine, need_redis(redis), target)
+            settled = await settled_usage(
+                engine,
+                tenant=tenant,
+                prefix=key,
+                since=since.date() if since else None,
+                until=until.date() if until else None,
+                by=by,
+            )
+            return {"live": live, "settled": settled}
+
+        if tenant is not None and key is not None:
+            fail("give at most one of --tenant or --key")
+        found = run(action, redis=one_target)
         if as_json:
-            print_json(views)
+            print_json(found)
             return
-        table = Table("limit", "used", "of")
-        for v in views:
-            table.add_row(v.name, str(v.used), "unlimited" if v.limit is None else str(v.limit))
-        Console().print(table)
+        console = Console()
+        if found["live"] is not None:
+            table = Table("limit", "used now", "of", title="live")
+            for v in found["live"]:
+                limit = "unlimited" if v.limit is None else str(v.limit)
+                table.add_row(v.name, str(v.used), limit)
+            console.print(table)
+        settled = Table(by, "tenant", "key", "requests", "prompt", "completion", "estimated")
+        settled.title = "settled"
+        for r in found["settled"]:
+            settled.add_row(
+                r["period"],
+                r["tenant"] or "-",
+                r["key_prefix"] or "-",
+                str(r["requests"]),
+                str(r["prompt_tokens"]),
+                str(r["completion_tokens"]),
+                str(r["estimated_tokens"]),
+            )
+        console.print(settled)
 
 
 def _print_limits(views: list[limits_admin.LimitView]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import json
 import subprocess
-import sys
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -17,21 +16,17 @@ from meterd.schema import prompt_log
 from policyd.schema import tenants
 from tests.meterd.conftest import create_key
 from tests.meterd.records import batch, exact, position, record, store
+from tests.support.cli import cli_binary
 from tests.support.processes import base_env
 from tests.support.services import REPO_ROOT
 
 # The commands are plain click commands; run them as the CLI would, in a fresh process.
-_RUNNER = (
-    "import sys; from policyd import cli_audit; "
-    "command = getattr(cli_audit, sys.argv[1].replace('-', '_')); "
-    "command.main(sys.argv[2:], prog_name='neuronetz-gateway')"
-)
 
 
 async def _cli(database_url: str, command: str, *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-c", _RUNNER, command, *args],
+        [str(cli_binary()), command, *args],
         env=base_env({"NZ_DATABASE_URL": database_url, "COLUMNS": "200"}),
         cwd=REPO_ROOT,
         capture_output=True,
@@ -110,11 +105,11 @@ async def test_usage_shows_settled_figures_per_day_and_month(
         record(key, stream=True, size=5000, ts=day + 86400),
     ]
     await store(engine, redis).settle(batch(records), resume=position(0))
-    daily = await _json(database_url, "usage", "--since", "2026-11-01")
+    daily = (await _json(database_url, "usage", "--since", "2026-11-01"))["settled"]
     assert [(r["period"], r["requests"]) for r in daily] == [("2026-11-03", 1), ("2026-11-04", 2)]
     assert daily[0]["total_tokens"] == 15
     assert daily[1]["estimated_tokens"] == records[2].usage.total
-    monthly = await _json(database_url, "usage", "--by", "month")
+    monthly = (await _json(database_url, "usage", "--by", "month"))["settled"]
     assert [(r["period"], r["requests"]) for r in monthly] == [("2026-11", 3)]
 
 

@@ -196,7 +196,7 @@ def test_limits_round_trip(cli_env: dict[str, str]) -> None:
     )
     assert (shown["tpm"]["value"], shown["tpm"]["source"]) == (1000, "tenant")
 
-    usage = cli_json(cli_env, "usage", "--key", prefix)
+    usage = cli_json(cli_env, "usage", "--key", prefix)["live"]
     assert [u["name"] for u in usage] == list(DIMENSIONS)
     assert all(u["used"] == 0 for u in usage)
     assert {u["name"]: u["limit"] for u in usage}["rpm"] == 10
