@@ -284,7 +284,10 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
         duration_ms=round(duration * 1000),
         ttfb_ms=_ttfb(data.get("ttfb_ms")),
         client_ip=_ip(request.get("client_ip")) or _ip(request.get("remote_ip")),
-        user_agent=clean_text(_first_header(request.get("headers"), "User-Agent"), _MAX_USER_AGENT),
+        user_agent=clean_text(
+            data.get("user_agent") or _first_header(request.get("headers"), "User-Agent"),
+            _MAX_USER_AGENT,
+        ),
         refusal=_match(_REFUSAL, _first_header(resp_headers, H_REFUSAL)),
         key_id=_uuid(data.get("nz_key_id")),
         key_prefix=_match(_PREFIX, data.get("nz_key_prefix")),

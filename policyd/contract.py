@@ -24,6 +24,7 @@ __all__ = [
     "H_REQUEST_ID",
     "H_RESERVED",
     "H_STREAM",
+    "H_STREAM_USAGE",
     "H_SURFACE",
     "H_TENANT_ID",
     "KEY_PREFIX_LEN",
@@ -65,6 +66,8 @@ H_CAPTURE: Final = "X-Nz-Capture"
 H_PROMPT_LOG: Final = "X-Nz-Prompt-Log"
 #: Tokens reserved at admission (estimated prompt + max output).
 H_RESERVED: Final = "X-Nz-Reserved"
+#: "1" when an OpenAI stream asked for `stream_options.include_usage` (longer events).
+H_STREAM_USAGE: Final = "X-Nz-Stream-Usage"
 #: On refusals only: a short machine-readable reason code (sent to the client too).
 H_REFUSAL: Final = "X-Nz-Refusal"
 
@@ -78,6 +81,7 @@ COPIED_HEADERS: Final = (
     H_CAPTURE,
     H_PROMPT_LOG,
     H_RESERVED,
+    H_STREAM_USAGE,
 )
 
 #: OpenAI-style rate-limit headers: policyd answers them, Caddy copies them onto the
@@ -98,6 +102,7 @@ LOG_FIELDS: Final = {
     "nz_stream": H_STREAM,
     "nz_prompt_log": H_PROMPT_LOG,
     "nz_reserved": H_RESERVED,
+    "nz_stream_usage": H_STREAM_USAGE,
 }
 
 #: Keys look like `nz_<8 lowercase base32 chars>_<43 base62 chars>`.

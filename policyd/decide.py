@@ -23,6 +23,7 @@ from policyd.contract import (
     H_PROMPT_LOG,
     H_RESERVED,
     H_STREAM,
+    H_STREAM_USAGE,
     H_SURFACE,
     H_TENANT_ID,
     Surface,
@@ -219,6 +220,8 @@ def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[t
     if facts.model is not None:
         headers.append((H_MODEL, facts.model))
     headers.append((H_STREAM, "1" if facts.stream else "0"))
+    if facts.stream and facts.include_usage:
+        headers.append((H_STREAM_USAGE, "1"))
     produces_usage = endpoint.kind in (EndpointKind.GENERATE, EndpointKind.EMBED)
     # Only a non-streamed body can be captured without buffering a stream.
     headers.append((H_CAPTURE, "1" if produces_usage and not facts.stream else "0"))

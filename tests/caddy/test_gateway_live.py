@@ -170,7 +170,7 @@ def test_one_request_id_in_auth_upstream_response_and_log(gateway: Gateway) -> N
 
 
 def test_log_line_carries_nz_fields_and_no_secrets(gateway: Gateway) -> None:
-    """The access-log line has every nz_* field from policyd and no key, X-Api-Key or X-Nz-*."""
+    """The access-log line has every nz_* field from policyd and no client header at all."""
     response = httpx.post(
         f"{gateway.base_url}/api/generate",
         content=b'{"model":"m"}',
@@ -183,19 +183,14 @@ def test_log_line_carries_nz_fields_and_no_secrets(gateway: Gateway) -> None:
     assert entry["nz_stream"] == "1"
     assert "resp_body" not in entry
     assert entry["status"] == 200
-    logged_headers = entry["request"]["headers"]
-    assert logged_headers["Authorization"] == ["REDACTED"]
-    contract_names = {contract.H_BODY, *contract.COPIED_HEADERS, contract.H_REFUSAL, "X-Api-Key"}
-    assert not contract_names & logged_headers.keys()
+    assert "headers" not in entry["request"]
     assert GOOD_KEY not in line
     assert "client-api-key-value" not in line
 
 
 def test_capture_flag_from_policyd_logs_response_body(gateway: Gateway) -> None:
     """When policyd answers X-Nz-Capture: 1 the log holds the whole response body as resp_body."""
-    response = httpx.post(
-        f"{gateway.base_url}/api/capture", content=b"{}", headers=[GOOD_AUTH]
-    )
+    response = httpx.post(f"{gateway.base_url}/api/capture", content=b"{}", headers=[GOOD_AUTH])
     assert response.status_code == 200
     entry, _ = gateway.log_entry(response.headers["X-Request-Id"])
     assert entry["resp_body"] == upstream_reply("/api/capture").decode()

@@ -13,7 +13,7 @@ import httpx
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from policyd import admin
-from policyd.contract import COPIED_HEADERS, H_BODY, LOG_FIELDS, RATE_LIMIT_HEADERS
+from policyd.contract import H_BODY, LOG_FIELDS, RATE_LIMIT_HEADERS
 from tests.e2e.conftest import StandinLog
 from tests.support.cli import run_cli
 from tests.support.stack import Stack
@@ -168,19 +168,19 @@ def test_client_nz_headers_never_reach_upstream_or_log_fields(
             assert line["nz_surface"] == surface.name, where
             assert line["nz_model"] == "llama3.2", where
             assert line["nz_prompt_log"] == "0", where
-            logged = nz_names(line["request"]["headers"])
-            assert not logged & {h.lower() for h in (*COPIED_HEADERS, H_BODY)}, (where, logged)
+            assert "headers" not in line["request"], where
 
 
 def test_unknown_client_nz_header_is_not_logged(
     stack: Stack, gateway: str, api_key: str, standin_log: StandinLog
 ) -> None:
-    """A client-sent X-Nz-Foo (a name not in the contract) is absent from the log's headers."""
+    """A client-sent X-Nz-Foo (a name not in the contract) reaches neither Ollama nor the log."""
     reply = chat(gateway, SURFACES[0], key=api_key, stream=False, extra={"X-Nz-Foo": "spoofed-foo"})
     request_id = reply.headers["x-request-id"]
     assert "x-nz-foo" not in upstream_record(standin_log, request_id)["headers"]
-    logged = log_line(stack, request_id)["request"]["headers"]
-    assert nz_names(logged) == set(), logged
+    line = log_line(stack, request_id)
+    assert "headers" not in line["request"]
+    assert "spoofed-foo" not in json.dumps(line)
 
 
 def test_secrets_never_reach_upstream_and_are_redacted_in_the_log(
@@ -199,7 +199,7 @@ def test_secrets_never_reach_upstream_and_are_redacted_in_the_log(
         text = json.dumps(line)
         assert api_key not in text, surface
         assert api_key[12:] not in text, surface
-        assert line["request"]["headers"]["Authorization"] == ["REDACTED"], surface
+        assert "headers" not in line["request"], surface  # no client header is logged
 
 
 def test_one_request_id_for_client_upstream_policyd_and_log(
@@ -242,7 +242,7 @@ def test_refused_request_has_one_request_id_and_no_trusted_fields(
         for field in LOG_FIELDS:
             assert line.get(field, "") == "", (surface, field, line.get(field))
         assert "resp_body" not in line
-        assert nz_names(line["request"]["headers"]) <= {"x-nz-foo"}
+        assert "headers" not in line["request"]
         deadline = time.monotonic() + _LOG_WAIT_S
         while request_id not in policyd_log.read_text(encoding="utf-8", errors="replace"):
             assert time.monotonic() < deadline, f"policyd never logged {request_id}"
