@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from policyd import admin
 from tests.support.cli import run_cli, run_cli_json
-from tests.support.stack import Stack
+from tests.support.services import PostgresServer, RedisServer, Service
+from tests.support.stack import Stack, StackConfig
 
 __all__: list[str] = []
 
@@ -87,6 +90,29 @@ def standin_log(stack: Stack) -> StandinLog:
     log = StandinLog(stack.standin_url)
     log.clear()
     return log
+
+
+@pytest.fixture(scope="session")
+def slow_stack(
+    run_dir: Path,
+    postgres: Service[PostgresServer],
+    database_url: str,
+    redis_server: Service[RedisServer],
+) -> Iterator[Stack]:
+    """A second gateway (own stand-in, policyd, Caddy, meterd) whose stand-in streams at
+    a human pace, so streams stay open for seconds; it shares Postgres and Redis."""
+    built = Stack(
+        StackConfig(
+            base_dir=run_dir / "slow-stack", standin_tokens_per_s=20, standin_first_token_ms=50
+        ),
+        postgres=postgres,
+        redis=redis_server,
+    )
+    try:
+        built.start()
+        yield built
+    finally:
+        built.stop()
 
 
 @pytest.fixture

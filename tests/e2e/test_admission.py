@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,29 +102,68 @@ def test_rpm_holds_across_two_policyd_processes(
     assert statuses.count(429) == 31
 
 
-def test_concurrency_limit_through_caddy(stack: Stack, gateway: str, tenant: str) -> None:
-    """M simultaneous streams against a concurrency of N: exactly N stream, the rest get 429."""
+async def _hold_streams(gateway: str, key: str, count: int, *, read_all: bool) -> list[int]:
+    """Open `count` streams at once and keep the admitted ones open until all have answered.
+
+    Then either read every stream to its end or drop them mid-stream (a client disconnect).
+    Returns the statuses.
+    """
+    body = {**CHAT, "options": {"num_predict": 100}}  # 5 s at the slow stand-in's pace
+    answered = asyncio.Event()
+    statuses: list[int] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", f"{gateway}/api/chat", json=body) as reply:
+            statuses.append(reply.status_code)
+            if len(statuses) == count:
+                answered.set()
+            await answered.wait()
+            if read_all:
+                async for _ in reply.aiter_lines():
+                    pass
+
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers, timeout=60, limits=limits) as client:
+        await asyncio.wait_for(asyncio.gather(*(one(client) for _ in range(count))), 60)
+    return statuses
+
+
+def _wait_for_free_slots(stack: Stack, prefix: str, *, timeout: float = 15.0) -> None:
+    """Wait until meterd has settled every stream of the key (no lease left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        views = asyncio.run(_usage(stack, prefix))
+        if views["concurrency"] == 0:
+            return
+        assert time.monotonic() < deadline, f"leases still held: {views}"
+        time.sleep(0.1)
+
+
+async def _usage(stack: Stack, prefix: str) -> dict[str, int]:
+    engine = create_async_engine(stack.database_url)
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        target = await limits_admin.resolve_target(engine, tenant=None, key=prefix)
+        views = await limits_admin.usage(engine, redis, target)
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+    return {v.name: v.used for v in views}
+
+
+@pytest.mark.parametrize("read_all", [True, False], ids=["finished", "disconnected"])
+def test_concurrency_limit_through_caddy(slow_stack: Stack, tenant: str, read_all: bool) -> None:
+    """M simultaneous streams against a concurrency of N: exactly N stream while they run;
+    when they finish or the clients disconnect, meterd releases the slots."""
+    stack, gateway = slow_stack, slow_stack.gateway_url
     key = make_key(stack)
     set_limits(stack, key=key[:11], concurrency=3)
-    body = {**CHAT, "options": {"num_predict": 120}}  # ~0.6 s at the stand-in's pace
-
-    async def stream_one(client: httpx.AsyncClient) -> tuple[int, int]:
-        async with client.stream("POST", f"{gateway}/api/chat", json=body) as reply:
-            chunks = 0
-            async for _ in reply.aiter_lines():
-                chunks += 1
-            return reply.status_code, chunks
-
-    async def run() -> list[tuple[int, int]]:
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(headers=headers, timeout=30) as client:
-            return list(await asyncio.gather(*(stream_one(client) for _ in range(12))))
-
-    results = asyncio.run(run())
-    admitted = [chunks for status, chunks in results if status == 200]
-    assert len(admitted) == 3
-    assert all(chunks > 5 for chunks in admitted)
-    assert sum(1 for status, _ in results if status == 429) == 9
+    statuses = asyncio.run(_hold_streams(gateway, key, 12, read_all=read_all))
+    assert sorted(statuses) == [200] * 3 + [429] * 9
+    _wait_for_free_slots(stack, key[:11])
+    again = asyncio.run(_hold_streams(gateway, key, 3, read_all=False))
+    assert again == [200, 200, 200]
 
 
 async def _seed_ledger(stack: Stack, key: str, tokens: int) -> None:
@@ -155,15 +195,7 @@ async def _seed_ledger(stack: Stack, key: str, tokens: int) -> None:
 
 
 async def _day_used(stack: Stack, prefix: str) -> int:
-    engine = create_async_engine(stack.database_url)
-    redis = aioredis.Redis.from_url(stack.redis_url)
-    try:
-        target = await limits_admin.resolve_target(engine, tenant=None, key=prefix)
-        views = await limits_admin.usage(engine, redis, target)
-    finally:
-        await redis.aclose()
-        await engine.dispose()
-    return next(v.used for v in views if v.name == "daily_tokens")
+    return (await _usage(stack, prefix))["daily_tokens"]
 
 
 def test_redis_outage_fails_closed_and_budgets_are_rebuilt(

@@ -39,6 +39,7 @@ __all__ = [
     "REPO_ROOT",
     "CaddyServer",
     "Launcher",
+    "MeterdServer",
     "MissingBinaryError",
     "PolicydServer",
     "PostgresServer",
@@ -464,6 +465,48 @@ class StandinServer:
             what=f"stand-in on {self.url}",
         )
         return handle
+
+
+# --- meterd ---------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class MeterdServer:
+    """The meter daemon (`python -m meterd`) tailing the gateway's access log."""
+
+    log_dir: Path
+    settings: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env)
+    name: str = "meterd"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "meterd.log"
+
+    def start(self) -> ProcessHandle:
+        """Start meterd and wait until `meterd --check` sees its heartbeat."""
+        env = base_env(dict(self.settings))
+        handle = spawn(
+            self.name,
+            [sys.executable, "-m", "meterd"],
+            log_path=self.log_path,
+            env=env,
+            cwd=REPO_ROOT,
+            stop_signal=signal.SIGTERM,
+        )
+        wait_until(lambda: self._heartbeat(env), handle=handle, what="meterd's heartbeat")
+        return handle
+
+    @staticmethod
+    def _heartbeat(env: Mapping[str, str]) -> bool:
+        done = subprocess.run(
+            [sys.executable, "-m", "meterd", "--check"],
+            env=dict(env),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        return done.returncode == 0
 
 
 # --- policyd under Granian -----------------------------------------------------------------

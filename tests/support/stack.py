@@ -23,6 +23,7 @@ from tests.support.services import (
     REPO_ROOT,
     CaddyServer,
     Launcher,
+    MeterdServer,
     PolicydServer,
     PostgresServer,
     RedisServer,
@@ -33,7 +34,7 @@ from tests.support.services import (
 __all__ = ["PART_ORDER", "MigrationError", "Stack", "StackConfig", "run_migrations"]
 
 #: Start order; stopping goes the other way.
-PART_ORDER: Final = ("postgres", "redis", "standin", "policyd", "caddy")
+PART_ORDER: Final = ("postgres", "redis", "standin", "policyd", "caddy", "meterd")
 
 
 class MigrationError(RuntimeError):
@@ -77,6 +78,10 @@ class StackConfig:
     standin_first_token_ms: int = 20
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     durable_postgres: bool = False
+    #: meterd's idle poll interval; tests want settlement within tens of milliseconds.
+    meterd_poll_s: float = 0.05
+    #: Extra policyd settings (e.g. NZ_LEASE_TTL_S for lease-expiry tests).
+    policyd_extra: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def log_dir(self) -> Path:
@@ -135,7 +140,7 @@ class Stack:
             PolicydServer(
                 socket_path=config.policyd_socket,
                 log_dir=logs,
-                settings=self._policyd_settings(),
+                settings={**self._policyd_settings(), **config.policyd_extra},
                 max_body_bytes=config.max_body_bytes,
             )
         )
@@ -150,6 +155,20 @@ class Stack:
                     "NZ_OLLAMA_URL": self.ollama_url,
                     "NZ_ACCESS_LOG": str(config.access_log),
                     "NZ_MAX_BODY_BYTES": str(config.max_body_bytes),
+                },
+            )
+        )
+        self.meterd: Final = Service(
+            MeterdServer(
+                log_dir=logs,
+                settings={
+                    "NZ_DATABASE_URL": self.database_url,
+                    "NZ_REDIS_URL": self.redis_url,
+                    "NZ_ACCESS_LOG": str(config.access_log),
+                    "NZ_METERD_NODE": "local",
+                    "NZ_METERD_POLL_S": f"{config.meterd_poll_s:g}",
+                    # Stopping waits 10 s before SIGKILL; drain within that.
+                    "NZ_METERD_DRAIN_S": "5",
                 },
             )
         )
