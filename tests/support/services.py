@@ -589,8 +589,9 @@ class PolicydServer:
 class CaddyServer:
     """`caddy run` with a Caddyfile whose settings come from `settings` (NZ_* env).
 
-    NZ_HTTP_PORT is set from `port` (bound to 127.0.0.1). The Caddyfile must say `admin off`, or parallel Caddys
-    would fight over the admin port. Caddy's own state goes under `state_dir`, not $HOME.
+    NZ_HTTP_PORT is set from `port` (bound to 127.0.0.1). The Caddyfile must say
+    `admin off`, or parallel Caddys would fight over the admin port. Caddy's own state
+    goes under `state_dir`, not $HOME.
     """
 
     caddyfile: Path
