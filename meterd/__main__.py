@@ -13,8 +13,10 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Final
 
 from meterd import daemon, health
@@ -51,8 +53,15 @@ def _configure_logging(level: str) -> None:
     root.setLevel(level)
 
 
+def _stop_before_running(signum: int, _frame: FrameType | None) -> None:
+    # A stop that arrives while meterd is still starting: nothing is settled yet, so
+    # leaving now is as clean as a drained stop. The daemon installs its own handler.
+    sys.exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _stop_before_running)
     parser = argparse.ArgumentParser(
         prog="meterd",
         description="Settle usage and write the audit from Caddy's JSON access log.",
