@@ -10,6 +10,8 @@
   (a line may hold a prompt); the checkpoint moves past them.
 - SIGTERM: stop taking new work once the log read at that moment is settled (for at
   most NZ_METERD_DRAIN_S), commit, exit 0.
+- Every NZ_METERD_SWEEP_EVERY_S, once the tail has caught up, reservations whose log
+  line never arrived are charged as reserved and flagged (sweep.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from meterd import health
 from meterd.parse import BadLine, parse_line
 from meterd.settings import Settings
 from meterd.settle import Batch, Record, Store
+from meterd.sweep import Sweeper, hold_off_s
 from meterd.tail import Checkpoint, Follower, Line, start_of
 from meterd.usage import Calibration, measure
 
@@ -84,7 +87,11 @@ class Daemon:
             prompt_retention_days=settings.prompt_retention_days,
             max_prompt_bytes=settings.max_prompt_bytes,
         )
+        self._sweeper = Sweeper(engine, redis, node=settings.node, grace_s=settings.sweep_grace_s)
         self._calibration = Calibration()
+        # Set once the tail has read everything there was: only then can a missing line
+        # be told from one this node has not read yet.
+        self._caught_up = asyncio.Event()
         self._stop = asyncio.Event()
         self._drain_deadline: float | None = None
         self._state = "ok"
@@ -93,6 +100,7 @@ class Daemon:
         self._lines = 0
         self._bad_lines = 0
         self._settled = 0
+        self._swept = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -112,6 +120,7 @@ class Daemon:
         background = {
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._prune_loop(), name="prune"),
+            asyncio.create_task(self._sweep_loop(), name="sweep"),
         }
         try:
             await asyncio.wait({metering, *background}, return_when=asyncio.FIRST_COMPLETED)
@@ -133,7 +142,11 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         _log.info(
-            "stopped: %d lines, %d settled, %d bad", self._lines, self._settled, self._bad_lines
+            "stopped: %d lines, %d settled, %d bad, %d swept",
+            self._lines,
+            self._settled,
+            self._bad_lines,
+            self._swept,
         )
         return 0
 
@@ -153,6 +166,7 @@ class Daemon:
                     self._read, follower, self.settings.batch_lines
                 )
                 if not lines:
+                    self._caught_up.set()
                     if unstored is not None:
                         await self._retry(
                             "store the checkpoint", functools.partial(self._store.advance, unstored)
@@ -274,6 +288,7 @@ class Daemon:
             lines=self._lines,
             bad_lines=self._bad_lines,
             settled=self._settled,
+            swept=self._swept,
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -302,6 +317,28 @@ class Daemon:
                     raise
                 _log.warning("cannot prune prompts (%s)", type(exc).__name__)
             await asyncio.sleep(self.settings.prune_every_s)
+
+    async def _sweep_loop(self) -> None:
+        await self._caught_up.wait()
+        while True:
+            await self._sweep_once()
+            await asyncio.sleep(self.settings.sweep_every_s)
+
+    async def _sweep_once(self) -> None:
+        try:
+            others = await hold_off_s(self._redis)
+            if others is None:
+                _log.info("not sweeping reservations: a meterd node has not caught up yet")
+                return
+            swept = await self._sweeper.sweep(hold_off=max(others, self.beat().lag_seconds))
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            _log.warning("cannot sweep reservations (%s)", type(exc).__name__)
+            return
+        self._swept += swept
+        if swept:
+            _log.warning("charged %d reservations whose log line never arrived", swept)
 
 
 async def run(settings: Settings) -> int:

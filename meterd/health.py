@@ -44,6 +44,8 @@ class Beat:
     lines: int
     bad_lines: int
     settled: int
+    #: Reservations charged as reserved because their log line never arrived (sweep.py).
+    swept: int = 0
 
 
 _ENCODE: Final = msgspec.json.Encoder()

@@ -51,6 +51,10 @@ class Settings:
     drain_s: float = 20.0
     #: Ceiling of the retry backoff while Postgres or Redis is unavailable.
     max_backoff_s: float = 30.0
+    #: How often reservations whose log line never arrived are looked for (sweep.py).
+    sweep_every_s: float = 60.0
+    #: How long after its lease expired a reservation is charged as reserved and flagged.
+    sweep_grace_s: float = 120.0
     log_level: str = "INFO"
 
 
@@ -123,6 +127,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_prompt_bytes=int(num("NZ_METERD_MAX_PROMPT_BYTES", 1024 * 1024, integer=True)),
         drain_s=num("NZ_METERD_DRAIN_S", 20.0),
         max_backoff_s=num("NZ_METERD_MAX_BACKOFF_S", 30.0),
+        sweep_every_s=num("NZ_METERD_SWEEP_EVERY_S", 60.0),
+        sweep_grace_s=num("NZ_METERD_SWEEP_GRACE_S", 120.0),
         log_level=env.get("NZ_METERD_LOG_LEVEL", "INFO").strip().upper() or "INFO",
     )
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -50,6 +50,8 @@ __all__ = [
     "Record",
     "RedisSettlement",
     "Store",
+    "add_to_ledger",
+    "audit_row",
     "prune_expired_prompts",
     "settle_in_redis",
 ]
@@ -163,7 +165,8 @@ async def settle_in_redis(redis: aioredis.Redis, items: Sequence[RedisSettlement
         _log.info("settled %d requests without their reservation: %s", len(unusual), unusual[:5])
 
 
-def _audit_row(record: Record, node: str) -> dict[str, Any]:
+def audit_row(record: Record, node: str) -> dict[str, Any]:
+    """The audit_log row of one settled request."""
     event, usage = record.event, record.usage
     return {
         "request_id": event.request_id,
@@ -208,6 +211,49 @@ def _calibration_updates(observations: Iterable[Observation]) -> list[dict[str, 
             row = row.learn(obs)
         updates.append({**attrs.asdict(row), "factor": DECAY ** len(items)})
     return updates
+
+
+async def add_to_ledger(conn: AsyncConnection, records: Sequence[Record]) -> None:
+    """Add the usage of newly audited records to the ledger, per key and UTC day."""
+    totals: dict[tuple[uuid.UUID, dt.date], dict[str, Any]] = {}
+    for record in records:
+        event, usage = record.event, record.usage
+        if event.key_id is None or event.tenant_id is None:
+            continue  # refused before admission: nothing to count against a key
+        key = (event.key_id, event.started.date())
+        row = totals.setdefault(
+            key,
+            {
+                "key_id": event.key_id,
+                "tenant_id": event.tenant_id,
+                "day": event.started.date(),
+                "requests": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "estimated_tokens": 0,
+            },
+        )
+        row["requests"] += 1
+        row["prompt_tokens"] += usage.prompt_tokens
+        row["completion_tokens"] += usage.completion_tokens
+        if usage.source is not Source.EXACT:
+            row["estimated_tokens"] += usage.total
+    if not totals:
+        return
+    stmt = pg_insert(usage_ledger)
+    c, new = usage_ledger.c, stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[c.key_id, c.day],
+        set_={
+            "requests": c.requests + new.requests,
+            "prompt_tokens": c.prompt_tokens + new.prompt_tokens,
+            "completion_tokens": c.completion_tokens + new.completion_tokens,
+            "estimated_tokens": c.estimated_tokens + new.estimated_tokens,
+            "updated_at": sa.func.now(),
+        },
+    )
+    # Sorted, so concurrent nodes lock ledger rows in the same order (no deadlock).
+    await conn.execute(stmt, sorted(totals.values(), key=lambda r: (r["key_id"], r["day"])))
 
 
 class Store:
@@ -268,7 +314,7 @@ class Store:
         async with self._engine.begin() as conn:
             inserted = await self._insert_audit(conn, fresh)
             new = [r for r in fresh if r.event.request_id in inserted]
-            await self._add_to_ledger(conn, new)
+            await add_to_ledger(conn, new)
             await self._store_prompts(conn, new)
             observations = tuple(r.observation for r in new if r.observation is not None)
             await self._teach(conn, observations)
@@ -336,49 +382,8 @@ class Store:
             .on_conflict_do_nothing(index_elements=[audit_log.c.request_id])
             .returning(audit_log.c.request_id)
         )
-        result = await conn.execute(stmt, [_audit_row(r, self._node) for r in records])
+        result = await conn.execute(stmt, [audit_row(r, self._node) for r in records])
         return set(result.scalars())
-
-    async def _add_to_ledger(self, conn: AsyncConnection, records: list[Record]) -> None:
-        totals: dict[tuple[uuid.UUID, dt.date], dict[str, Any]] = {}
-        for record in records:
-            event, usage = record.event, record.usage
-            if event.key_id is None or event.tenant_id is None:
-                continue  # refused before admission: nothing to count against a key
-            key = (event.key_id, event.started.date())
-            row = totals.setdefault(
-                key,
-                {
-                    "key_id": event.key_id,
-                    "tenant_id": event.tenant_id,
-                    "day": event.started.date(),
-                    "requests": 0,
-                    "prompt_tokens": 0,
-                    "completion_tokens": 0,
-                    "estimated_tokens": 0,
-                },
-            )
-            row["requests"] += 1
-            row["prompt_tokens"] += usage.prompt_tokens
-            row["completion_tokens"] += usage.completion_tokens
-            if usage.source is not Source.EXACT:
-                row["estimated_tokens"] += usage.total
-        if not totals:
-            return
-        stmt = pg_insert(usage_ledger)
-        c, new = usage_ledger.c, stmt.excluded
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[c.key_id, c.day],
-            set_={
-                "requests": c.requests + new.requests,
-                "prompt_tokens": c.prompt_tokens + new.prompt_tokens,
-                "completion_tokens": c.completion_tokens + new.completion_tokens,
-                "estimated_tokens": c.estimated_tokens + new.estimated_tokens,
-                "updated_at": sa.func.now(),
-            },
-        )
-        # Sorted, so concurrent nodes lock ledger rows in the same order (no deadlock).
-        await conn.execute(stmt, sorted(totals.values(), key=lambda r: (r["key_id"], r["day"])))
 
     async def _store_prompts(self, conn: AsyncConnection, records: list[Record]) -> None:
         wanted = [
