@@ -6,6 +6,8 @@ UV ?= uv
 LOCAL := compose/local/run.sh
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k redis -x"`.
 PYTEST_ARGS ?=
+# Extra benchmark arguments, e.g. `make bench BENCH_ARGS=--quick`.
+BENCH_ARGS ?=
 
 .PHONY: help up down status migrate test lint bench
 
@@ -39,5 +41,13 @@ lint: ## ruff check, ruff format --check and mypy --strict.
 	$(UV) run mypy --strict
 	$(UV) run mypy --strict compose/local
 
-bench: ## Load benchmark (not built yet).
-	@echo "make bench: the benchmark is not built yet" >&2; exit 1
+# wrk (Debian package) drives saturation; as root it is installed when missing.
+bench: ## Benchmark gateway vs Caddy alone vs Ollama stand-in (BENCH_ARGS=--quick: ~1 min).
+	@if ! command -v wrk >/dev/null; then \
+		if [[ $$(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then \
+			apt-get install -y wrk >/dev/null || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; \
+		else \
+			echo "make bench: wrk is missing; install it with: apt-get install -y wrk" >&2; exit 1; \
+		fi; \
+	fi
+	$(UV) run python -m tests.bench.run $(BENCH_ARGS)

@@ -1,4 +1,8 @@
-"""`create_app()`: the policyd ASGI application, as Granian serves it (`--factory`)."""
+"""`create_app()`: the policyd ASGI application, as Granian serves it (`--factory`).
+
+`/authz` is served by `fastpath.PolicyApp` without a framework; the rest by Litestar,
+whose lifespan opens Postgres, Redis and the HTTP client for both.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,19 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import httpx
 import redis.asyncio as aioredis
 from litestar import Litestar
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from policyd.contract import load_script
+from policyd.fastpath import PolicyApp
 from policyd.keystore import KeyStore
 from policyd.lastused import LastUsedTracker
 from policyd.limits import Limiter
 from policyd.rebuild import TenantLoader
-from policyd.routes import Services, authz, healthz, readyz
+from policyd.resp import RespClient, supports
+from policyd.routes import Services, healthz, readyz, statsz
 from policyd.settings import Settings, load_settings
 
 __all__ = ["create_app"]
@@ -33,6 +42,15 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             socket_timeout=settings.store_timeout_s,
             socket_connect_timeout=settings.store_timeout_s,
             max_connections=64,
+            # The hot path no longer uses this pool, so after a Redis restart its idle
+            # connections are found dead only when used: reconnect once, right away.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        # The per-request Redis calls go through the lean client where the URL allows.
+        hot = (
+            RespClient(url=settings.redis_url, timeout_s=settings.store_timeout_s)
+            if supports(settings.redis_url)
+            else None
         )
         http = httpx.AsyncClient(timeout=settings.ready_timeout_s)
         last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
@@ -47,13 +65,14 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             load_tenant=loader,
             lease_ttl_s=settings.lease_ttl_s,
             timeout_s=settings.store_timeout_s,
+            hot=hot,
         )
         app.state.services = Services(
             settings=settings,
             engine=engine,
             redis=redis,
             http=http,
-            keys=KeyStore(settings=settings, redis=redis, engine=engine),
+            keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
             limiter=limiter,
             last_used=last_used,
         )
@@ -63,21 +82,25 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
         finally:
             await last_used.stop()
             await http.aclose()
+            if hot is not None:
+                await hot.aclose()
             await redis.aclose()
             await engine.dispose()
 
     return lifespan
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: Settings | None = None) -> PolicyApp:
     """Build the app; settings default to the NZ_* environment, read now and only now."""
     resolved = settings if settings is not None else load_settings()
     logging.basicConfig(
         level=resolved.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    return Litestar(
-        route_handlers=[authz, healthz, readyz],
-        lifespan=[_lifespan(resolved)],
-        openapi_config=None,
-        debug=False,
+    return PolicyApp(
+        Litestar(
+            route_handlers=[healthz, readyz, statsz],
+            lifespan=[_lifespan(resolved)],
+            openapi_config=None,
+            debug=False,
+        )
     )

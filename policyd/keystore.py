@@ -26,6 +26,7 @@ from policyd.contract import redis_key_record
 from policyd.keys import keyed_digest, parse_key, verify_key_hash
 from policyd.records import KeyRecord, Limits, decode_record, encode_record, limits_from_row
 from policyd.refusals import Reason
+from policyd.resp import RespClient
 from policyd.schema import LIMIT_COLUMNS, api_keys, tenants
 from policyd.settings import Settings
 
@@ -88,9 +89,18 @@ def key_lookup_query(prefix: str) -> sa.Select[tuple[object, ...]]:
 class KeyStore:
     """Key verification with two cache levels; one instance per policyd process."""
 
-    def __init__(self, *, settings: Settings, redis: aioredis.Redis, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis: aioredis.Redis,
+        engine: AsyncEngine,
+        hot: RespClient | None = None,
+    ) -> None:
         self._settings = settings
         self._redis = redis
+        # The lean client for the per-request GET, when the Redis URL allows one.
+        self._hot = hot
         self._engine = engine
         self._local: dict[str, tuple[float, KeyRecord]] = {}
         self._argon2 = asyncio.Semaphore(_ARGON2_SLOTS)
@@ -133,7 +143,10 @@ class KeyStore:
             return hit[1]
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
-                raw = cast(bytes | None, await self._redis.get(redis_key_record(prefix)))
+                if self._hot is not None:
+                    raw = await self._hot.get(redis_key_record(prefix))
+                else:
+                    raw = cast(bytes | None, await self._redis.get(redis_key_record(prefix)))
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         if raw is None:

@@ -22,6 +22,7 @@ from policyd.contract import admit_script, calendar_day, calendar_month, tenant_
 from policyd.keystore import StoreUnavailable
 from policyd.records import KeyRecord
 from policyd.refusals import Reason, Refusal
+from policyd.resp import RespClient
 
 __all__ = [
     "DIMENSIONS",
@@ -129,8 +130,11 @@ class Limiter:
         lease_ttl_s: float,
         timeout_s: float,
         clock: Callable[[], float] = time.time,
+        hot: RespClient | None = None,
     ) -> None:
         self._redis = redis
+        # The lean client for the per-request script call, when the Redis URL allows one.
+        self._hot = hot
         self._load_tenant = load_tenant
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._timeout_s = timeout_s
@@ -234,16 +238,17 @@ class Limiter:
         return keys, args
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[int]:
+        runner = self._hot if self._hot is not None else self._redis
         try:
             async with asyncio.timeout(self._timeout_s):
                 if self._sha is None:
-                    self._sha = await self._redis.script_load(self._source)
+                    self._sha = await runner.script_load(self._source)
                 try:
-                    result = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+                    result = await runner.evalsha(self._sha, len(keys), *keys, *args)
                 except NoScriptError:
                     # Redis restarted and lost its script cache: load it again, once.
-                    self._sha = await self._redis.script_load(self._source)
-                    result = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+                    self._sha = await runner.script_load(self._source)
+                    result = await runner.evalsha(self._sha, len(keys), *keys, *args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         return [int(v) for v in result]

@@ -1,6 +1,8 @@
-"""HTTP surface of policyd: `/authz` for Caddy's forward_auth, `/healthz`, `/readyz`.
+"""What policyd answers: `/authz` for Caddy's forward_auth, `/healthz`, `/readyz`, `/statsz`.
 
-The decision itself lives in `decide` and `keystore`; this module only maps it to HTTP.
+`decide_authz` turns forward_auth's headers into a `Verdict`; `fastpath` serves it without
+a web framework (it is the hot path). The probes and `/statsz` are Litestar handlers.
+The decision itself lives in `decide`, `keystore` and `limits`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import redis.asyncio as aioredis
 from litestar import Request, Response, get
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID, Surface
+from policyd.contract import Surface
 from policyd.decide import admit, check_key_policy, reservation, screen_request
 from policyd.health import probe_all
 from policyd.keystore import KeyStore, StoreUnavailable
@@ -25,7 +27,7 @@ from policyd.limits import Limiter
 from policyd.refusals import Reason, Refusal, render
 from policyd.settings import Settings
 
-__all__ = ["Services", "authz", "healthz", "readyz"]
+__all__ = ["Services", "Verdict", "decide_authz", "healthz", "readyz", "statsz"]
 
 _log = logging.getLogger("policyd.authz")
 
@@ -55,42 +57,54 @@ def _services(request: Request[Any, Any, Any]) -> Services:
     return services
 
 
-def _refusal_response(refusal: Refusal, surface: Surface, request_id: str) -> Response[bytes]:
+@attrs.frozen
+class Verdict:
+    """policyd's answer to one forward_auth call, before any HTTP framework sees it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
     status, body, headers = render(refusal, surface, request_id=request_id)
-    return Response(content=body, status_code=status, headers=dict(headers), media_type=_JSON)
+    return Verdict(status, headers, body)
 
 
-@get(AUTHZ_PATH, include_in_schema=False)
-async def authz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Decide one request for Caddy: 2xx with X-Nz-* headers, or the client's refusal."""
-    services = _services(request)
-    headers = request.headers
-    request_id = headers.get(H_REQUEST_ID, "")
-    screened = screen_request(
-        headers.get("x-forwarded-method", ""),
-        headers.get("x-forwarded-uri", ""),
-        headers.get(H_BODY),
-        max_body_bytes=services.settings.max_body_bytes,
-    )
+async def decide_authz(
+    services: Services,
+    *,
+    method: str,
+    target: str,
+    body: str | None,
+    authorization: str | None,
+    request_id: str,
+) -> Verdict:
+    """Decide one request for Caddy: 2xx with X-Nz-* headers, or the client's refusal.
+
+    The arguments are forward_auth's headers: X-Forwarded-Method, X-Forwarded-Uri,
+    X-Nz-Body, Authorization and X-Request-Id.
+    """
+    screened = screen_request(method, target, body, max_body_bytes=services.settings.max_body_bytes)
     if screened.refusal is not None:
         _log.info("refused %s: %s", request_id, screened.refusal.reason)
-        return _refusal_response(screened.refusal, screened.surface, request_id)
+        return _refused(screened.refusal, screened.surface, request_id)
     try:
-        result = await services.keys.authenticate(headers.get("authorization"))
+        result = await services.keys.authenticate(authorization)
     except StoreUnavailable as exc:
         _log.warning("failing closed for %s: %s", request_id, exc)
-        return _refusal_response(_UNAVAILABLE, screened.surface, request_id)
+        return _refused(_UNAVAILABLE, screened.surface, request_id)
     if result.record is None:
         assert result.refusal is not None
         _log.info("refused %s: %s", request_id, result.refusal)
         refusal = Refusal(reason=result.refusal, message=_AUTH_MESSAGES[result.refusal])
-        return _refusal_response(refusal, screened.surface, request_id)
+        return _refused(refusal, screened.surface, request_id)
     record = result.record
     services.last_used.touch(record.key_id)
     policy_refusal = check_key_policy(screened, record)
     if policy_refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
-        return _refusal_response(policy_refusal, screened.surface, request_id)
+        return _refused(policy_refusal, screened.surface, request_id)
     reserved = reservation(screened, record)
     try:
         admission = await services.limiter.admit(
@@ -98,16 +112,16 @@ async def authz(request: Request[Any, Any, Any]) -> Response[bytes]:
         )
     except StoreUnavailable as exc:
         _log.warning("failing closed for %s: %s", request_id, exc)
-        return _refusal_response(_UNAVAILABLE, screened.surface, request_id)
+        return _refused(_UNAVAILABLE, screened.surface, request_id)
     if admission.refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, admission.refusal.reason)
         limited = attrs.evolve(
             admission.refusal, headers=admission.refusal.headers + admission.headers
         )
-        return _refusal_response(limited, screened.surface, request_id)
+        return _refused(limited, screened.surface, request_id)
     upstream = admit(screened, record, reserved=reserved)
     upstream.extend(admission.headers)
-    return Response(content=b"", status_code=200, headers=dict(upstream))
+    return Verdict(200, upstream)
 
 
 _AUTH_MESSAGES: Final = {
@@ -142,3 +156,11 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(content=msgspec.json.encode(body), status_code=503, media_type=_JSON)
     body_ok = {"status": "ready", "checks": checks}
     return Response(content=msgspec.json.encode(body_ok), media_type=_JSON)
+
+
+@get("/statsz", include_in_schema=False)
+async def statsz(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Counters for benchmarks and operators; only on the socket (Caddy never routes here)."""
+    services = _services(request)
+    body = {"argon2_runs": services.keys.argon2_runs}
+    return Response(content=msgspec.json.encode(body), media_type=_JSON)

@@ -1,0 +1,89 @@
+"""How long and how hard each scenario runs: full (`make bench`), quick, and smoke."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["FULL", "QUICK", "SMOKE", "Plan"]
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """Durations in seconds, rates per second; every scenario reads only its own fields."""
+
+    name: str
+    rounds: int
+    warmup_s: float
+    #: Scenario 1: wrk closed loop at saturation, then open loop at each fixed rate
+    #: (the first is the headline figure).
+    saturate_s: float
+    wrk_connections: int
+    fixed_rates: tuple[float, ...]
+    fixed_s: float
+    #: Scenario 2: streams start at `stream_rate`/s, each `stream_tokens` tokens long.
+    stream_rate: float
+    stream_count: int
+    stream_tokens: int
+    stream_tokens_per_s: float
+    stream_first_token_ms: int
+    #: Scenario 3: policyd alone over its socket.
+    policyd_s: float
+    policyd_concurrency: int
+    miss_keys: int
+    #: Scenario 4: seconds of saturating traffic written while meterd is stopped.
+    meterd_backlog_s: float
+
+
+FULL = Plan(
+    name="full",
+    rounds=3,
+    warmup_s=3.0,
+    saturate_s=5.0,
+    wrk_connections=32,
+    fixed_rates=(100.0, 200.0),
+    fixed_s=6.0,
+    stream_rate=50.0,
+    stream_count=400,
+    stream_tokens=40,
+    stream_tokens_per_s=10.0,
+    stream_first_token_ms=50,
+    policyd_s=4.0,
+    policyd_concurrency=8,
+    miss_keys=24,
+    meterd_backlog_s=8.0,
+)
+
+QUICK = attrs.evolve(
+    FULL,
+    name="quick",
+    rounds=1,
+    warmup_s=1.0,
+    saturate_s=1.0,
+    fixed_rates=(100.0,),
+    fixed_s=3.0,
+    stream_count=100,
+    stream_tokens=20,
+    policyd_s=1.5,
+    miss_keys=6,
+    meterd_backlog_s=2.0,
+)
+
+SMOKE = attrs.evolve(
+    FULL,
+    name="smoke",
+    rounds=1,
+    warmup_s=0.2,
+    saturate_s=1.0,
+    wrk_connections=4,
+    fixed_rates=(20.0,),
+    fixed_s=0.5,
+    stream_rate=20.0,
+    stream_count=6,
+    stream_tokens=5,
+    stream_tokens_per_s=100.0,
+    stream_first_token_ms=10,
+    policyd_s=0.3,
+    policyd_concurrency=2,
+    miss_keys=2,
+    meterd_backlog_s=1.0,
+)

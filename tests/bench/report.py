@@ -1,0 +1,218 @@
+"""The results: the JSON file and the table printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["TARGETS", "headline", "render_table", "verdicts", "write_json"]
+
+#: The issue's targets: (JSON path, comparison, bound).
+TARGETS: Final = (
+    ("added_latency_ms.p50", "<=", 1.0),
+    ("added_latency_ms.p99", "<=", 5.0),
+    ("added_ttfb_ms.p50", "<=", 1.0),
+    ("throughput_ratio", ">=", 0.5),
+    ("meterd_lines_per_s", ">=", 5000.0),
+    ("meterd_lag_s_max", "<=", 1.0),
+)
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    value: Any = data
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level figures the issue asks for, pulled out of the scenario results."""
+    small = scenarios.get("small") or {}
+    streams = scenarios.get("streams") or {}
+    meterd = scenarios.get("meterd") or {}
+    return {
+        "added_latency_ms": small.get("added_latency_ms"),
+        "throughput_ratio": small.get("throughput_ratio"),
+        "added_ttfb_ms": streams.get("added_ttfb_ms"),
+        "cadence_preserved": streams.get("cadence_preserved"),
+        "meterd_lines_per_s": (meterd.get("throughput") or {}).get("lines_per_s"),
+        "meterd_lag_s_max": ((meterd.get("lag") or {}).get("lag_s") or {}).get("max"),
+    }
+
+
+def verdicts(results: Mapping[str, Any]) -> dict[str, bool | None]:
+    """Each target met (True), missed (False) or not measured (None)."""
+    found: dict[str, bool | None] = {}
+    for path, op, bound in TARGETS:
+        value = _lookup(results, path)
+        if value is None:
+            found[path] = None
+        else:
+            found[path] = value <= bound if op == "<=" else value >= bound
+    return found
+
+
+def write_json(results: Mapping[str, Any], path: Path) -> None:
+    """Write the results atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [_row(header, widths), _row(["-" * w for w in widths], widths)] + [
+        _row(r, widths) for r in rows
+    ]
+
+
+def render_table(results: Mapping[str, Any]) -> str:
+    """A plain-text summary: one table per scenario, then the targets."""
+    lines = [
+        f"neuronetz-gateway bench ({results['plan']}): {results['cores']} cores, "
+        f"load average at start {results['loadavg_start']}, {results['duration_s']:.0f} s",
+        "",
+    ]
+    scenarios = results["scenarios"]
+    small = scenarios.get("small")
+    if small:
+        lines.append(
+            f"1. small requests: saturation (wrk, {small['wrk_connections']} connections) "
+            "and latency at fixed rates (open loop), ms; cpu = CPU s per 1k requests at "
+            f"{small['fixed_rate_rps']:g} req/s"
+        )
+        rows = []
+        for name, target in small["targets"].items():
+            for rate, lat in target["latency_by_rate_ms"].items():
+                first = rate == next(iter(target["latency_by_rate_ms"]))
+                rows.append(
+                    [
+                        name if first else "",
+                        _fmt(target["saturation_rps"]) if first else "",
+                        rate,
+                        _fmt(lat["p50"]),
+                        _fmt(lat["p90"]),
+                        _fmt(lat["p99"]),
+                        _fmt(target["cpu_s_per_1k_requests"].get("total")) if first else "",
+                        str(target["failures"]) if first else "",
+                    ]
+                )
+        lines += _table(
+            ["target", "max req/s", "at req/s", "p50", "p90", "p99", "cpu", "failed"], rows
+        )
+        for rate, added in small["added_latency_by_rate_ms"].items():
+            lines.append(
+                f"added by the gateway (c - b) at {rate} req/s: p50 {_fmt(added['p50'])}, "
+                f"p99 {_fmt(added['p99'])}"
+            )
+        lines.append("")
+    streams = scenarios.get("streams")
+    if streams:
+        lines.append(
+            f"2. streams: {streams['streams_per_round']} per round at "
+            f"{streams['stream_rate_per_s']:g}/s, {streams['tokens_per_s']:g} tokens/s "
+            f"(nominal gap {streams['nominal_gap_ms']:g} ms), ms"
+        )
+        rows = []
+        for name, target in streams["targets"].items():
+            rows.append(
+                [
+                    name,
+                    _fmt(target["ttfb_ms"]["p50"]),
+                    _fmt(target["ttfb_ms"]["p99"]),
+                    _fmt(target["gap_ms"]["p50"]),
+                    _fmt(target["gap_ms"]["p99"]),
+                    _fmt(target["peak_in_flight"]),
+                    str(target["failures"]),
+                ]
+            )
+        lines += _table(
+            ["target", "ttfb p50", "ttfb p99", "gap p50", "gap p99", "in flight", "failed"], rows
+        )
+        lines.append("")
+    alone = scenarios.get("policyd")
+    if alone:
+        hit, miss = alone["hit"], alone["miss"]
+        lines.append("3. policyd alone over its unix socket")
+        lines += _table(
+            ["case", "decisions/s", "p50 ms", "p99 ms", "argon2 runs"],
+            [
+                [
+                    "hit, sequential",
+                    _fmt(hit["sequential_decisions_per_s"]),
+                    _fmt(hit["sequential_latency_ms"]["p50"]),
+                    _fmt(hit["sequential_latency_ms"]["p99"]),
+                    _fmt(hit["argon2_runs"]),
+                ],
+                [
+                    f"hit, {alone['concurrency']} at once",
+                    _fmt(hit["concurrent_decisions_per_s"]),
+                    _fmt(hit["concurrent_latency_ms"]["p50"]),
+                    _fmt(hit["concurrent_latency_ms"]["p99"]),
+                    "",
+                ],
+                [
+                    f"miss ({miss['keys']} new keys)",
+                    _fmt(miss["decisions_per_s"]),
+                    _fmt(miss["latency_ms"]["p50"]),
+                    _fmt(miss["latency_ms"]["p99"]),
+                    _fmt(miss["argon2_runs"]),
+                ],
+                [
+                    "same keys again",
+                    "",
+                    _fmt(alone["miss_then_hit"]["latency_ms"]["p50"]),
+                    _fmt(alone["miss_then_hit"]["latency_ms"]["p99"]),
+                    _fmt(alone["miss_then_hit"]["argon2_runs"]),
+                ],
+            ],
+        )
+        lines.append("")
+    meterd = scenarios.get("meterd")
+    if meterd:
+        throughput = meterd.get("throughput") or {}
+        lag = (meterd.get("lag") or {}).get("lag_s") or {}
+        note = meterd.get("note")
+        lines.append(
+            "4. meterd: "
+            + (
+                note
+                if note
+                else f"{_fmt(throughput.get('lines_per_s'))} lines/s settled "
+                f"({throughput.get('lines_settled')} lines); lag under scenario 1: "
+                f"p50 {_fmt(lag.get('p50'), ' s')}, max {_fmt(lag.get('max'), ' s')}"
+            )
+        )
+        lines.append("")
+    resources = results.get("resources") or {}
+    if resources:
+        lines.append(
+            "5. resident memory after the run, MiB: "
+            + ", ".join(f"{name} {_fmt(mib)}" for name, mib in resources["rss_mib"].items())
+        )
+        lines.append("")
+    lines.append("targets:")
+    for path, op, bound in TARGETS:
+        verdict = results["targets_met"][path]
+        mark = {True: "met", False: "MISSED", None: "not measured"}[verdict]
+        lines.append(f"  {path} {op} {bound:g}: {_fmt(_lookup(results, path))} ({mark})")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Everything the benchmark runs against, started once per run on free local ports.
+
+- the gateway `Stack` (Postgres, Redis, policyd, Caddy, meterd once the stack has it)
+  in front of a *fast* stand-in (no pacing): scenario 1 (c), 3, 4;
+- a bare Caddy (the gateway's proxy block only) in front of the same stand-in: 1 (b);
+- the stand-in itself: 1 (a);
+- a *paced* stand-in (a realistic token rate) behind a second gateway Caddy, sharing the
+  stack's policyd, and behind a second bare Caddy: scenario 2 (c) and (b).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import attrs
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from policyd import admin
+from tests.bench.bare import bare_caddyfile
+from tests.support.processes import ProcessHandle
+from tests.support.services import REPO_ROOT, CaddyServer, Service, StandinServer
+from tests.support.stack import Stack, StackConfig
+
+__all__ = ["BenchRig", "RigConfig", "Target", "make_keys"]
+
+_RUN_DIR_PREFIX: Final = "nz-bench-"
+_TENANT: Final = "bench"
+#: NZ_METERD_POLL_S as deployed (meterd/settings.py default).
+_METERD_POLL_S: Final = 0.2
+
+
+@attrs.frozen(kw_only=True)
+class RigConfig:
+    """Stand-in timing for the streaming scenario (the fast stand-in never waits)."""
+
+    stream_tokens_per_s: float = 20.0
+    stream_first_token_ms: int = 50
+
+
+@attrs.frozen(kw_only=True)
+class Target:
+    """One HTTP endpoint under test, and the processes whose resources it costs."""
+
+    name: str
+    host: str
+    port: int
+
+
+class BenchRig:
+    """Starts and stops every part of the benchmark; use as a context manager."""
+
+    def __init__(self, config: RigConfig) -> None:
+        self.config: Final = config
+        self.base_dir: Final = Path(tempfile.mkdtemp(prefix=_RUN_DIR_PREFIX))
+        # Traversable, not listable: as root, Postgres runs as `postgres` and must reach it.
+        self.base_dir.chmod(0o711)
+        try:
+            logs = self.base_dir / "log"
+            self.stack: Final = Stack(
+                StackConfig(
+                    base_dir=self.base_dir / "stack",
+                    standin_tokens_per_s=0.0,
+                    standin_first_token_ms=0,
+                    # meterd's production default; the tests' 50 ms poll costs CPU the
+                    # gateway would not spend in production.
+                    meterd_poll_s=_METERD_POLL_S,
+                )
+            )
+            self.paced: Final = Service(
+                StandinServer(
+                    log_dir=logs,
+                    tokens_per_s=config.stream_tokens_per_s,
+                    first_token_ms=config.stream_first_token_ms,
+                    name="standin-paced",
+                )
+            )
+            bare_file = self.base_dir / "bare.caddy"
+            bare_file.write_text(bare_caddyfile())
+            self.bare: Final = Service(
+                CaddyServer(
+                    caddyfile=bare_file,
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-bare",
+                    settings={"NZ_OLLAMA_URL": self.stack.ollama_url},
+                    name="caddy-bare",
+                )
+            )
+            self.bare_paced: Final = Service(
+                CaddyServer(
+                    caddyfile=bare_file,
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-bare-paced",
+                    settings={"NZ_OLLAMA_URL": self.paced.launcher.url},
+                    name="caddy-bare-paced",
+                )
+            )
+            self.gateway_paced: Final = Service(
+                CaddyServer(
+                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-paced",
+                    settings={
+                        "NZ_POLICYD_SOCKET": str(self.stack.policyd_socket),
+                        "NZ_OLLAMA_URL": self.paced.launcher.url,
+                        "NZ_ACCESS_LOG": str(logs / "access-paced.log"),
+                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
+                    },
+                    name="caddy-paced",
+                )
+            )
+            self._extras = (self.paced, self.bare, self.bare_paced, self.gateway_paced)
+        except BaseException:
+            # Nothing has started yet; only the directory needs to go.
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            raise
+
+    # --- targets ---------------------------------------------------------------------------
+
+    def direct(self) -> Target:
+        """Scenario (a): the fast stand-in itself."""
+        assert self.stack.standin is not None
+        return Target(name="a_direct", host="127.0.0.1", port=self.stack.standin.launcher.port)
+
+    def caddy_only(self) -> Target:
+        """Scenario (b): bare Caddy in front of the fast stand-in."""
+        return Target(name="b_caddy", host="127.0.0.1", port=self.bare.launcher.port)
+
+    def gateway(self) -> Target:
+        """Scenario (c): the full gateway in front of the fast stand-in."""
+        return Target(name="c_gateway", host="127.0.0.1", port=self.stack.caddy.launcher.port)
+
+    def stream_targets(self) -> tuple[Target, Target]:
+        """Scenario 2 (b) and (c): bare Caddy and the gateway in front of the paced stand-in."""
+        return (
+            Target(name="b_caddy", host="127.0.0.1", port=self.bare_paced.launcher.port),
+            Target(name="c_gateway", host="127.0.0.1", port=self.gateway_paced.launcher.port),
+        )
+
+    def handles(self) -> dict[str, ProcessHandle]:
+        """The running processes by part name, for resource readings."""
+        found = {name: service.handle for name, service in self.stack.parts() if service.running}
+        for service in self._extras:
+            if service.running:
+                found[service.launcher.name] = service.handle
+        return found
+
+    @property
+    def meterd_in_stack(self) -> bool:
+        """Whether the stack runs meterd (it joins `Stack` as a part of its own)."""
+        return any(name == "meterd" for name, _ in self.stack.parts())
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the stack, then the extra stand-in and Caddys; stop everything on failure."""
+        try:
+            self.stack.start(ready_timeout=60.0)
+            for service in self._extras:
+                service.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every part by PID, extras first; the run directory goes too."""
+        errors: list[BaseException] = []
+        for service in reversed(self._extras):
+            try:
+                service.stop()
+            except (RuntimeError, OSError) as exc:
+                errors.append(exc)
+        try:
+            self.stack.stop()
+        except (RuntimeError, OSError) as exc:
+            errors.append(exc)
+        if errors:
+            raise RuntimeError(f"stopping the bench rig left errors: {errors}")
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> BenchRig:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+async def _create_keys(database_url: str, redis_url: str, *, names: list[str]) -> list[str]:
+    engine = create_async_engine(database_url)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        with contextlib.suppress(admin.AdminError):
+            await admin.create_tenant(engine, name=_TENANT)
+        keys = []
+        for name in names:
+            created = await admin.create_key(
+                engine, redis, tenant=_TENANT, name=name, expires_at=None
+            )
+            keys.append(created.key)
+        return keys
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def make_keys(rig: BenchRig, *, names: list[str]) -> list[str]:
+    """Fresh keys of the unlimited tenant `bench`, made with the CLI's own code."""
+    return asyncio.run(_create_keys(rig.stack.database_url, rig.stack.redis_url, names=names))

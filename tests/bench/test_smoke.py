@@ -1,0 +1,72 @@
+"""The benchmark harness runs end to end with tiny counts (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.support.services import REPO_ROOT
+
+__all__: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The JSON of one `--smoke` run of `python -m tests.bench.run`."""
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--smoke", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "targets:" in done.stdout
+    results: dict[str, Any] = json.loads(out.read_text())
+    return results
+
+
+def test_reports_the_figures_the_issue_names(smoke: dict[str, Any]) -> None:
+    """The JSON carries the headline figures, the machine's cores and every scenario."""
+    assert smoke["cores"] == os.cpu_count()
+    for name in ("added_latency_ms", "added_ttfb_ms"):
+        assert set(smoke[name]) >= {"p50", "p99"}
+    assert smoke["throughput_ratio"] is not None
+    assert "meterd_lines_per_s" in smoke
+    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd"}
+    assert set(smoke["resources"]["rss_mib"]) >= {"policyd", "caddy"}
+
+
+def test_every_request_succeeded(smoke: dict[str, Any]) -> None:
+    """No target refused or dropped a request, so the latencies describe real answers."""
+    for target in smoke["scenarios"]["small"]["targets"].values():
+        assert target["failures"] == 0
+        assert target["latency_ms"]["p50"] is not None
+    for target in smoke["scenarios"]["streams"]["targets"].values():
+        assert target["failures"] == 0
+        assert target["tokens_per_stream"] > 1
+    assert smoke["scenarios"]["policyd"]["hit"]["failures"] == 0
+
+
+def test_argon2_runs_only_for_keys_policyd_has_not_seen(smoke: dict[str, Any]) -> None:
+    """Cache hits run no Argon2id; each new key runs it exactly once, then never again."""
+    alone = smoke["scenarios"]["policyd"]
+    assert alone["hit"]["argon2_runs"] == 0
+    assert alone["miss"]["argon2_runs"] == alone["miss"]["keys"]
+    assert alone["miss_then_hit"]["argon2_runs"] == 0
+
+
+def test_meterd_settles_the_backlog(smoke: dict[str, Any]) -> None:
+    """With meterd in the stack, it settles a backlog written while it was stopped."""
+    meterd = smoke["scenarios"]["meterd"]
+    if meterd.get("note"):
+        pytest.fail(meterd["note"])
+    assert meterd["throughput"]["backlog_lines"] > 0
+    assert meterd["throughput"]["reached_end"] is True
