@@ -94,6 +94,19 @@ def _line(key: KeyRecord, request_id: str, n: int) -> bytes:
     )
 
 
+def _starts(meterd: Meterd) -> int:
+    if not meterd.log_path.exists():
+        return 0
+    return meterd.log_path.read_text(errors="replace").count("meterd starting")
+
+
+async def _wait_started(meterd: Meterd, starts: int, *, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while _starts(meterd) < starts:
+        assert time.monotonic() < deadline, "meterd never reported starting"
+        await asyncio.sleep(0.05)
+
+
 async def _audited_usage(engine: AsyncEngine) -> tuple[int, int]:
     stmt = sa.select(
         sa.func.count(audit_log.c.key_id),
@@ -137,9 +150,12 @@ async def test_sigkill_at_any_moment_loses_and_duplicates_nothing(
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             meterd.kill()
             seen.append(await _count(engine))
+        starts = _starts(meterd)
         meterd.start()
         writer.join()
         await _wait_rows(engine, total)
+        # Stop it only once it is running (a SIGTERM during its imports is a plain kill).
+        await _wait_started(meterd, starts + 1)
         assert meterd.terminate() == 0
     finally:
         writer.join()
