@@ -96,12 +96,20 @@ def _lines_between(path: Path, start: int) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: log.read(1 << 20), b""))
 
 
-async def _time_settling(rig: BenchRig, *, end: int) -> dict[str, Any]:
+async def _stored_checkpoint(rig: BenchRig) -> _Checkpoint | None:
     conn = await asyncpg.connect(rig.stack.postgres.launcher.dsn)
     try:
-        started = time.monotonic()
+        return await _checkpoint(conn, rig.stack.access_log)
+    finally:
+        await conn.close()
+
+
+async def _time_settling(
+    rig: BenchRig, *, before: _Checkpoint | None, end: int, started: float
+) -> dict[str, Any]:
+    conn = await asyncpg.connect(rig.stack.postgres.launcher.dsn)
+    try:
         first: tuple[float, _Checkpoint] | None = None
-        before = await _checkpoint(conn, rig.stack.access_log)
         while time.monotonic() - started < _SETTLE_TIMEOUT_S:
             point = await _checkpoint(conn, rig.stack.access_log)
             now = time.monotonic()
@@ -141,8 +149,12 @@ def meterd_throughput(rig: BenchRig, plan: Plan, *, script: Path) -> dict[str, A
         duration_s=plan.meterd_backlog_s,
         connections=plan.wrk_connections,
     )
+    # Caddy logs a request when its reply is done: let the last ones land first.
+    time.sleep(0.5)
     end = _size(log)
     backlog = _lines_between(log, start)
+    before = asyncio.run(_stored_checkpoint(rig))
+    started = time.monotonic()
     meterd.start()
-    timing = asyncio.run(_time_settling(rig, end=end))
+    timing = asyncio.run(_time_settling(rig, before=before, end=end, started=started))
     return {"backlog_lines": backlog, **timing}
