@@ -7,6 +7,7 @@ need no change here.
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 import redis
@@ -31,9 +32,21 @@ $$;
 """
 
 
-def reset_database(server: PostgresServer) -> None:
-    """Empty every table in the public schema except alembic_version."""
-    server.psql(_TRUNCATE_ALL)
+def reset_database(server: PostgresServer, *, attempts: int = 5) -> None:
+    """Empty every table in the public schema except alembic_version.
+
+    meterd may be writing while a test starts (it runs in the stack); TRUNCATE then can
+    lose a deadlock against its transaction, which Postgres resolves by failing one side.
+    Trying again is all it takes.
+    """
+    for attempt in range(attempts):
+        try:
+            server.psql(_TRUNCATE_ALL)
+            return
+        except RuntimeError as exc:
+            if "deadlock detected" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def flush_redis(url: str) -> None:
