@@ -11,6 +11,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.conftest import StandinLog
+from tests.support.stack import Stack
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about rivers."}]
 
@@ -45,22 +46,27 @@ def test_ollama_chat_and_generate_without_streaming(
     assert generated.eval_count
 
 
-def test_ollama_streams_chunk_by_chunk(native: ollama.Client, oai: openai.OpenAI) -> None:
+def test_ollama_streams_chunk_by_chunk(slow_stack: Stack, cli_key: str) -> None:
     """Streamed chat arrives one token per chunk, spread over time, not buffered."""
-    client = native
+    client = ollama.Client(
+        host=slow_stack.gateway_url, headers={"Authorization": f"Bearer {cli_key}"}
+    )
     arrivals: list[float] = []
     final = None
-    for part in client.chat(
-        model="llama3.2", messages=CHAT, stream=True, options={"num_predict": 40}
-    ):
-        arrivals.append(time.monotonic())
-        final = part
+    try:
+        for part in client.chat(
+            model="llama3.2", messages=CHAT, stream=True, options={"num_predict": 20}
+        ):
+            arrivals.append(time.monotonic())
+            final = part
+    finally:
+        client.close()  # type: ignore[no-untyped-call]  # untyped in ollama 0.6
     assert final is not None
     assert final.done
     assert final.eval_count == len(arrivals) - 1  # every token chunk plus the final one
-    # 40 tokens at the stand-in's 200 tokens/s take ~200 ms: a buffered reply would
-    # deliver them all at once.
-    assert arrivals[-1] - arrivals[0] > 0.1
+    # Up to 20 tokens at the slow stand-in's 20 tokens/s take about a second; a
+    # buffered reply would deliver them all at once.
+    assert arrivals[-1] - arrivals[0] > 0.4
 
 
 def test_ollama_generate_streams(native: ollama.Client, oai: openai.OpenAI) -> None:
@@ -91,28 +97,30 @@ def test_openai_chat_completion(native: ollama.Client, oai: openai.OpenAI) -> No
     assert reply.usage.completion_tokens > 0
 
 
-def test_openai_streams_chunk_by_chunk(native: ollama.Client, oai: openai.OpenAI) -> None:
+def test_openai_streams_chunk_by_chunk(slow_stack: Stack, cli_key: str) -> None:
     """SSE chunks arrive one by one; include_usage adds the usage chunk at the end."""
-    client = oai
     arrivals: list[float] = []
     usage = None
     text = []
-    stream = client.chat.completions.create(
-        model="llama3.2",
-        messages=CHAT,
-        stream=True,
-        max_tokens=40,
-        stream_options={"include_usage": True},
-    )
-    for chunk in stream:
-        arrivals.append(time.monotonic())
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            text.append(choice.delta.content or "")
+    with openai.OpenAI(
+        base_url=f"{slow_stack.gateway_url}/v1", api_key=cli_key, max_retries=0
+    ) as client:
+        stream = client.chat.completions.create(
+            model="llama3.2",
+            messages=CHAT,
+            stream=True,
+            max_tokens=20,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            arrivals.append(time.monotonic())
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
     assert usage is not None
     assert usage.completion_tokens == sum(1 for t in text if t)
-    assert arrivals[-1] - arrivals[0] > 0.1
+    assert arrivals[-1] - arrivals[0] > 0.4
 
 
 def test_openai_completions_embeddings_and_models(
