@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -19,15 +20,23 @@ __all__: list[str] = []
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The JSON of one `--smoke` run of `python -m tests.bench.run`."""
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
-    done = subprocess.run(
+    # On a timeout, Ctrl-C lets the runner stop every part of its rig by PID (each part
+    # runs in its own session, so killing the runner alone would orphan them).
+    runner = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.run", "--smoke", "--out", str(out)],
         cwd=REPO_ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        # Generous: the whole suite shares two cores; nothing here is a timing check.
-        timeout=400,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        # Generous: the whole suite shares two cores; nothing here is a timing check.
+        stdout, stderr = runner.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        runner.send_signal(signal.SIGINT)
+        stdout, stderr = runner.communicate(timeout=60)
+    done = subprocess.CompletedProcess(runner.args, runner.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "targets:" in done.stdout
     results: dict[str, Any] = json.loads(out.read_text())
