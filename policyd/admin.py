@@ -32,6 +32,7 @@ __all__ = [
     "TenantInfo",
     "create_key",
     "create_tenant",
+    "find_tenant_id",
     "invalidate_keys",
     "list_keys",
     "list_tenants",
@@ -132,7 +133,8 @@ async def list_tenants(engine: AsyncEngine) -> list[TenantInfo]:
     ]
 
 
-async def _tenant_id(conn: Any, name: str) -> uuid.UUID:
+async def find_tenant_id(conn: Any, name: str) -> uuid.UUID:
+    """The id of the tenant called `name`; AdminError if there is none."""
     row = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).one_or_none()
     if row is None:
         raise AdminError(f"unknown tenant {name!r}")
@@ -155,7 +157,7 @@ async def create_key(
         generated = generate_key()
         try:
             async with engine.begin() as conn:
-                tenant_id = await _tenant_id(conn, tenant)
+                tenant_id = await find_tenant_id(conn, tenant)
                 duplicate = await conn.execute(
                     sa.select(api_keys.c.id).where(
                         api_keys.c.tenant_id == tenant_id, api_keys.c.name == name
@@ -223,7 +225,7 @@ async def list_keys(
     )
     async with engine.connect() as conn:
         if tenant is not None:
-            await _tenant_id(conn, tenant)
+            await find_tenant_id(conn, tenant)
             stmt = stmt.where(tenants.c.name == tenant)
         if prefix is not None:
             stmt = stmt.where(api_keys.c.prefix == prefix)

@@ -20,7 +20,7 @@ from rich.table import Table
 from sqlalchemy.dialects.postgresql import INET, UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.admin import AdminError
+from policyd.admin import AdminError, find_tenant_id
 from policyd.cli_base import iso, json_option, run
 from policyd.schema import api_keys, tenants
 
@@ -111,13 +111,6 @@ def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     return parse_moment(value) if value is not None else None
 
 
-async def _tenant_id(conn: Any, name: str) -> Any:
-    found = (await conn.execute(sa.select(tenants.c.id).where(tenants.c.name == name))).first()
-    if found is None:
-        raise AdminError(f"unknown tenant {name!r}")
-    return found.id
-
-
 _tenant_option = click.option("--tenant", default=None, help="Only this tenant (by name).")
 _key_option = click.option("--key", "prefix", default=None, help="Only this key (by prefix).")
 since_option = click.option(
@@ -154,7 +147,7 @@ async def audit_rows(
     )
     async with engine.connect() as conn:
         if tenant is not None:
-            stmt = stmt.where(a.tenant_id == await _tenant_id(conn, tenant))
+            stmt = stmt.where(a.tenant_id == await find_tenant_id(conn, tenant))
         if prefix is not None:
             stmt = stmt.where(a.key_prefix == prefix)
         if since is not None:
@@ -302,7 +295,7 @@ async def settled_usage(
     )
     async with engine.connect() as conn:
         if tenant is not None:
-            stmt = stmt.where(u.tenant_id == await _tenant_id(conn, tenant))
+            stmt = stmt.where(u.tenant_id == await find_tenant_id(conn, tenant))
         if prefix is not None:
             stmt = stmt.where(api_keys.c.prefix == prefix)
         if since is not None:

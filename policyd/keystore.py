@@ -132,10 +132,6 @@ class KeyStore:
             return AuthResult(None, Reason.EXPIRED_KEY)
         return AuthResult(record)
 
-    def forget(self, prefix: str) -> None:
-        """Drop the in-process entry (used when Redis says the key changed)."""
-        self._local.pop(prefix, None)
-
     async def _cached(self, prefix: str) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._local.get(prefix)
