@@ -129,7 +129,8 @@ def register(cli: click.Group) -> None:
         """Live window and budget figures (for one tenant or key) and settled usage per period.
 
         Live figures come from Redis: requests and tokens in the last minute, requests in
-        flight, budgets used including open reservations. Settled figures come from
+        flight (counted only where a limit applies), budgets used including open
+        reservations. Settled figures come from
         meterd's ledger, per UTC day or month.
         """
         one_target = (tenant is None) != (key is None)
@@ -160,7 +161,8 @@ def register(cli: click.Group) -> None:
             table = Table("limit", "used now", "of", title="live")
             for v in found["live"]:
                 limit = "unlimited" if v.limit is None else str(v.limit)
-                table.add_row(v.name, str(v.used), limit)
+                used = "not counted" if v.used is None else str(v.used)
+                table.add_row(v.name, used, limit)
             console.print(table)
         settled = Table(by, "tenant", "key", "requests", "prompt", "completion", "estimated")
         settled.title = "settled"

@@ -65,10 +65,14 @@ class LimitView:
 
 @attrs.frozen(kw_only=True)
 class UsageView:
-    """Live figures of one limit dimension from Redis."""
+    """Live figures of one limit dimension from Redis.
+
+    `used` is None for a rate or concurrency dimension without a limit: admission keeps
+    those windows and leases only while a limit applies (budgets are always counted).
+    """
 
     name: str
-    used: int
+    used: int | None
     limit: int | None
 
 
@@ -172,6 +176,10 @@ async def show_limits(engine: AsyncEngine, target: Target) -> list[LimitView]:
     return views
 
 
+#: Dimensions the admission script tracks only while a limit applies (see admit.lua).
+_COUNTED_ONLY_WHEN_LIMITED: Final = frozenset({"rpm", "tpm", "concurrency"})
+
+
 def _window_sum(buckets: Mapping[bytes, bytes], now_s: int) -> int:
     return sum(int(v) for k, v in buckets.items() if int(k) > now_s - _WINDOW_S)
 
@@ -206,6 +214,10 @@ async def usage(
     ]
     limits = {v.name: v.value for v in await show_limits(engine, target)}
     return [
-        UsageView(name=name, used=value, limit=limits[name])
+        UsageView(
+            name=name,
+            used=None if name in _COUNTED_ONLY_WHEN_LIMITED and limits[name] is None else value,
+            limit=limits[name],
+        )
         for name, value in zip(DIMENSIONS, used, strict=True)
     ]

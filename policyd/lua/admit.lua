@@ -1,6 +1,11 @@
 -- Admission: check every limit of key and tenant, and only if all pass, record the
 -- request, a concurrency lease and a token reservation. One call, atomic.
 --
+-- Sliding windows (RPM, TPM) and lease sets are kept only while a limit applies to
+-- them: for an unlimited dimension they would cost Redis most of the script's time and
+-- enforce nothing. Budget counters are always kept (a budget set later needs them).
+-- Expiries are set when a bucket or counter is created, not on every call.
+--
 -- KEYS: 1 rpm:k 2 rpm:t 3 tpm:k 4 tpm:t 5 conc:k 6 conc:t 7 day:k 8 day:t
 --       9 mon:k 10 mon:t 11 tot:k 12 tot:t 13 reservation 14 loaded-sentinel
 -- ARGV: 1 now_ms 2 request_id 3 reserve 4 lease_ttl_ms 5 record_ttl_s
@@ -49,12 +54,21 @@ local function counter(key)
   return tonumber(redis.call('GET', key) or '0')
 end
 
+local function limited(i)
+  return tonumber(ARGV[7 + i]) >= 0
+end
+
 local used, oldest, cost = {}, {}, {}
 for i = 1, 4 do
-  used[i], oldest[i] = window(KEYS[i])
+  if limited(i) then
+    used[i], oldest[i] = window(KEYS[i])
+  else
+    used[i], oldest[i] = 0, -1
+  end
 end
-used[5] = leases(KEYS[5])
-used[6] = leases(KEYS[6])
+for i = 5, 6 do
+  used[i] = limited(i) and leases(KEYS[i]) or 0
+end
 for i = 7, 12 do
   used[i] = counter(KEYS[i])
 end
@@ -73,20 +87,28 @@ end
 
 -- Everything passed: record the request against every window of key and tenant.
 for i = 1, 4 do
-  redis.call('HINCRBY', KEYS[i], now_s, cost[i])
-  redis.call('EXPIRE', KEYS[i], WINDOW + 1)
+  -- A new bucket (the first of this second) renews the window's expiry; the key then
+  -- outlives every bucket that can still count.
+  if limited(i) and redis.call('HINCRBY', KEYS[i], now_s, cost[i]) == cost[i] then
+    redis.call('EXPIRE', KEYS[i], WINDOW + 1)
+  end
 end
 local lease_until = now_ms + tonumber(ARGV[4])
 for i = 5, 6 do
-  redis.call('ZADD', KEYS[i], lease_until, ARGV[2])
-  -- Relative expiry: the caller's clock, not Redis', defines the lease.
-  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[4]) + 1000)
+  if limited(i) then
+    redis.call('ZADD', KEYS[i], lease_until, ARGV[2])
+    -- Relative expiry: the caller's clock, not Redis', defines the lease.
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[4]) + 1000)
+  end
 end
+-- Day and month counters expire once their window is over; a counter that already
+-- exists got its expiry from whoever created it (this script, load.lua or settle.lua).
+local ttl = {[7] = ARGV[6], [8] = ARGV[6], [9] = ARGV[7], [10] = ARGV[7]}
 for i = 7, 12 do
-  redis.call('INCRBY', KEYS[i], reserve)
+  if redis.call('INCRBY', KEYS[i], reserve) == reserve and ttl[i] then
+    redis.call('EXPIRE', KEYS[i], ttl[i])
+  end
 end
-for i = 7, 8 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-for i = 9, 10 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 redis.call('HSET', KEYS[13], 'k', ARGV[20], 't', ARGV[21], 'tok', reserve,
   'sec', now_s, 'day', ARGV[22], 'mon', ARGV[23], 'lease', lease_until)
 redis.call('EXPIRE', KEYS[13], ARGV[5])

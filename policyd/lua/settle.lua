@@ -48,8 +48,12 @@ end
 
 local now_s = tonumber(redis.call('TIME')[1])
 if sec > now_s - 60 then
-  redis.call('HINCRBY', base .. 'tpm:k:' .. key_id, sec, delta)
-  redis.call('HINCRBY', base .. 'tpm:t', sec, delta)
+  -- Only windows admission keeps (a TPM limit applies); never create one without expiry.
+  for _, window in ipairs({base .. 'tpm:k:' .. key_id, base .. 'tpm:t'}) do
+    if redis.call('EXISTS', window) == 1 then
+      redis.call('HINCRBY', window, sec, delta)
+    end
+  end
 end
 
 local function adjust(key, ttl)

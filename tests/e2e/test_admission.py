@@ -140,7 +140,7 @@ def _wait_for_free_slots(stack: Stack, prefix: str, *, timeout: float = 15.0) ->
         time.sleep(0.1)
 
 
-async def _usage(stack: Stack, prefix: str) -> dict[str, int]:
+async def _usage(stack: Stack, prefix: str) -> dict[str, int | None]:
     engine = create_async_engine(stack.database_url)
     redis = aioredis.Redis.from_url(stack.redis_url)
     try:

@@ -369,3 +369,51 @@ async def test_windows_match_a_reference_model(
             assert {k: v for k, v in after.items() if b":rpm:" not in k and b":tpm:" not in k} == {
                 k: v for k, v in before.items() if b":rpm:" not in k and b":tpm:" not in k
             }
+
+
+async def test_unlimited_rate_and_concurrency_keep_no_windows(redis: aioredis.Redis) -> None:
+    """Without a rate or concurrency limit no window or lease set is kept, budgets still count."""
+    rec = record(tenant=Limits(rpm=50))
+    limiter = make_limiter(redis)
+    assert (await limiter.admit(rec, request_id="r1", reserve=10)).refusal is None
+    assert await settle(redis, rec, "r1", 3, 4) == 1
+    base = tenant_base(rec.tenant_id)
+    kid = rec.key_id
+    # The tenant's RPM applies to the key (default) and to the sum: both windows exist.
+    assert await redis.exists(f"{base}rpm:k:{kid}", f"{base}rpm:t") == 2
+    # No TPM or concurrency limit: nothing kept, and settlement created no TPM window.
+    absent = [f"{base}tpm:k:{kid}", f"{base}tpm:t", f"{base}conc:k:{kid}", f"{base}conc:t"]
+    assert await redis.exists(*absent) == 0
+    assert int(await redis.get(f"{base}tot:k:{kid}") or 0) == 7
+
+
+async def test_every_kept_window_and_counter_expires(redis: aioredis.Redis) -> None:
+    """Windows, leases and calendar counters carry an expiry however often they are hit."""
+    rec = record(key=Limits(rpm=1000, tpm=10**6, concurrency=100))
+    limiter = make_limiter(redis)
+    assert await admitted(limiter, rec, 20) == 20
+    base = tenant_base(rec.tenant_id)
+    now = dt.datetime.now(dt.UTC)
+    day, month = now.strftime("%Y%m%d"), now.strftime("%Y%m")
+    expiring = [
+        f"{base}rpm:k:{rec.key_id}",
+        f"{base}tpm:k:{rec.key_id}",
+        f"{base}conc:k:{rec.key_id}",
+        f"{base}day:k:{rec.key_id}:{day}",
+        f"{base}day:t:{day}",
+        f"{base}mon:k:{rec.key_id}:{month}",
+        f"{base}mon:t:{month}",
+    ]
+    for name in expiring:
+        assert await redis.ttl(name) > 0, name
+    assert await redis.ttl(f"{base}tot:t") == -1  # the total never resets
+
+
+async def test_a_limit_set_later_counts_from_then(redis: aioredis.Redis) -> None:
+    """Requests admitted while a dimension was unlimited do not count against a new limit."""
+    tenant_id, key_id = uuid.uuid4().hex, uuid.uuid4().hex
+    limiter = make_limiter(redis)
+    before = record(tenant_id=tenant_id, key_id=key_id)
+    assert await admitted(limiter, before, 5) == 5
+    after = record(tenant_id=tenant_id, key_id=key_id, key=Limits(rpm=3, concurrency=3))
+    assert await admitted(limiter, after, 5) == 3
