@@ -195,7 +195,9 @@ async def _seed_ledger(stack: Stack, key: str, tokens: int) -> None:
 
 
 async def _day_used(stack: Stack, prefix: str) -> int:
-    return (await _usage(stack, prefix))["daily_tokens"]
+    used = (await _usage(stack, prefix))["daily_tokens"]
+    assert used is not None  # budgets are always counted
+    return used
 
 
 async def _ledger_today(stack: Stack, prefix: str) -> int:
