@@ -112,7 +112,9 @@ def _decode(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BodyError("request body must be a JSON object")
     for key in value:
-        canonical = _FOLDED_FIELDS.get(go_fold(key))
+        # For ASCII, Go's simple folding is upper-casing; other keys take the full fold
+        # (non-ASCII letters such as U+017F fold onto ASCII field names).
+        canonical = _FOLDED_FIELDS.get(key.upper() if key.isascii() else go_fold(key))
         if canonical is not None and key != canonical:
             raise BodyError(f"ambiguous key {key!r} in request body; write it as {canonical!r}")
     return value

@@ -94,6 +94,31 @@ def _iso(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_DAY_S: Final = 86400
+
+
+@attrs.frozen(kw_only=True)
+class _Calendar:
+    """One UTC day's budget names and the boundaries its TTLs are measured to."""
+
+    day_index: int  # days since the epoch
+    day: str
+    month: str
+    next_day_s: float
+    next_month_s: float
+
+    @classmethod
+    def of(cls, day_index: int) -> _Calendar:
+        start = dt.datetime.fromtimestamp(day_index * _DAY_S, dt.UTC)
+        return cls(
+            day_index=day_index,
+            day=calendar_day(start),
+            month=calendar_month(start),
+            next_day_s=next_day(start).timestamp(),
+            next_month_s=next_month(start).timestamp(),
+        )
+
+
 @attrs.frozen
 class Admission:
     """The admission outcome plus the rate-limit headers for the client."""
@@ -141,6 +166,7 @@ class Limiter:
         self._clock = clock
         self._source = admit_script()
         self._sha: str | None = None
+        self._calendar: _Calendar | None = None
 
     async def admit(self, record: KeyRecord, *, request_id: str, reserve: int) -> Admission:
         """Check and record one request; raises StoreUnavailable when Redis cannot answer."""
@@ -148,8 +174,10 @@ class Limiter:
         static = self._never_fits(record, limits, reserve)
         if static is not None:
             return Admission(static)
-        now = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
-        keys, args = self._call(record, limits, request_id=request_id, reserve=reserve, now=now)
+        now_ts = self._clock()
+        keys, args = self._call(
+            record, limits, request_id=request_id, reserve=reserve, now_ts=now_ts
+        )
         result = await self._run(keys, args)
         if result[0] == _NOT_LOADED:
             await self._load_tenant(record)
@@ -161,6 +189,7 @@ class Limiter:
                 Refusal(reason=Reason.BAD_BODY, message="this request id was already admitted")
             )
         if result[0] == _REFUSED:
+            now = dt.datetime.fromtimestamp(now_ts, dt.UTC)
             return Admission(self._refusal(record, [int(v) for v in result[1:]], now))
         raise StoreUnavailable("redis: tenant counters could not be loaded")
 
@@ -191,11 +220,12 @@ class Limiter:
         *,
         request_id: str,
         reserve: int,
-        now: dt.datetime,
+        now_ts: float,
     ) -> tuple[list[str], list[str | int]]:
         base = tenant_base(record.tenant_id)
         kid = record.key_id
-        day, month = calendar_day(now), calendar_month(now)
+        cal = self._calendar_at(now_ts)
+        day, month = cal.day, cal.month
         keys = [
             f"{base}rpm:k:{kid}",
             f"{base}rpm:t",
@@ -214,13 +244,10 @@ class Limiter:
         ]
         # Day and month counters outlive their window by a day, so late settlements
         # of yesterday's requests still find them.
-        day_ttl = int((next_day(now) - now).total_seconds()) + 86400
-        month_ttl = int((next_month(now) - now).total_seconds()) + 86400
-        limit_args: list[str | int] = []
-        for name in DIMENSIONS:
-            for value in limits[name]:
-                limit_args.append(-1 if value is None else value)
-        now_ms = int(now.timestamp() * 1000)
+        day_ttl = int(cal.next_day_s - now_ts) + 86400
+        month_ttl = int(cal.next_month_s - now_ts) + 86400
+        limit_args = [-1 if v is None else v for name in DIMENSIONS for v in limits[name]]
+        now_ms = int(now_ts * 1000)
         args: list[str | int] = [
             now_ms,
             request_id,
@@ -236,6 +263,15 @@ class Limiter:
             month,
         ]
         return keys, args
+
+    def _calendar_at(self, now_ts: float) -> _Calendar:
+        # Names and boundaries change once a day; formatting dates per request cost more
+        # than the rest of the call's arguments together.
+        day_index = int(now_ts // _DAY_S)
+        cal = self._calendar
+        if cal is None or cal.day_index != day_index:
+            cal = self._calendar = _Calendar.of(day_index)
+        return cal
 
     async def _run(self, keys: list[str], args: list[str | int]) -> list[int]:
         runner = self._hot if self._hot is not None else self._redis

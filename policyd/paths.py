@@ -128,9 +128,20 @@ def _segments_clean(path: str) -> bool:
     return all(seg not in {".", ".."} for seg in path.split("/")[1:])
 
 
+#: Verdicts for the allowlisted paths spelled exactly, with an allowed method: nearly
+#: every request. Those spellings are canonical and no mutation, so the checks below
+#: would pass them anyway; the lookup skips the unquoting and the regular expressions.
+_EXACT: Final = {
+    (method, e.path): PathVerdict(e) for e in _ALLOWLIST.values() for method in e.methods
+}
+
+
 def classify_target(method: str, target: str) -> PathVerdict:
     """Decide whether `method target` (the raw request-target) may reach Ollama."""
     path = target.split("?", 1)[0]
+    exact = _EXACT.get((method, path))
+    if exact is not None:
+        return exact
     if _is_mutation(path):
         return PathVerdict(None, PathRefusal.MUTATION)
     if path.startswith(_MODEL_PATH):
