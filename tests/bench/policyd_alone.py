@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tests.bench.http1 import build_request, read_head
 from tests.bench.load import closed_loop
 from tests.bench.plan import Plan
 from tests.bench.resources import CpuMeter
-from tests.bench.rig import BenchRig, make_keys
+from tests.bench.rig import BenchRig, make_keys, make_limited_key
 from tests.bench.stats import median, summary
 from tests.bench.workload import Workload
 
@@ -57,31 +58,28 @@ def _delta(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
 
 
-def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
-    """Decisions per second and latency for hits (concurrency 1 and N) and for misses."""
+def _hits(rig: BenchRig, plan: Plan, request: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """Rounds of cache hits: one at a time (latency), then N at once (rate, CPU)."""
     socket_path = str(rig.stack.policyd_socket)
 
     def connect() -> Any:
         return asyncio.open_unix_connection(socket_path)
 
-    def hit(_: int) -> bytes:
-        return work.authz_request()
-
-    asyncio.run(closed_loop(connect, hit, concurrency=2, duration_s=plan.warmup_s))
-    hits: list[dict[str, Any]] = []
     handles = rig.handles()
-    runs_before = argon2_runs(rig)
+    rounds: list[dict[str, Any]] = []
     for _ in range(plan.rounds):
-        single = asyncio.run(closed_loop(connect, hit, concurrency=1, duration_s=plan.policyd_s))
+        single = asyncio.run(
+            closed_loop(connect, request, concurrency=1, duration_s=plan.policyd_s)
+        )
         meter = CpuMeter({name: handles[name] for name in ("policyd", "redis")})
         meter.start()
         many = asyncio.run(
             closed_loop(
-                connect, hit, concurrency=plan.policyd_concurrency, duration_s=plan.policyd_s
+                connect, request, concurrency=plan.policyd_concurrency, duration_s=plan.policyd_s
             )
         )
         spent = meter.stop()
-        hits.append(
+        rounds.append(
             {
                 "cpu_ms_per_decision": {
                     name: round(seconds * 1000.0 / max(1, many.sent), 4)
@@ -94,6 +92,59 @@ def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
                 "failures": {**single.failures, **many.failures},
             }
         )
+    return rounds
+
+
+def _hit_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds, plus every round."""
+    return {
+        "sequential_latency_ms": {
+            pct: median([r["sequential_latency_ms"][pct] for r in rounds])
+            for pct in ("p50", "p90", "p99")
+        },
+        "sequential_decisions_per_s": median([r["sequential_decisions_per_s"] for r in rounds]),
+        "concurrent_decisions_per_s": median([r["concurrent_decisions_per_s"] for r in rounds]),
+        "concurrent_latency_ms": {
+            pct: median([r["concurrent_latency_ms"][pct] for r in rounds])
+            for pct in ("p50", "p90", "p99")
+        },
+        "cpu_ms_per_decision": {
+            name: median([r["cpu_ms_per_decision"][name] for r in rounds])
+            for name in ("policyd", "redis")
+        },
+        "decisions": sum(
+            r["sequential_latency_ms"]["n"] + r["concurrent_latency_ms"]["n"] for r in rounds
+        ),
+        "failures": sum(sum(r["failures"].values()) for r in rounds),
+        "rounds": rounds,
+    }
+
+
+def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
+    """Decisions per second and latency for hits (concurrency 1 and N) and for misses.
+
+    Hits are measured twice: for the benchmark's tenant, which has no limits (admission
+    keeps only its budget counters), and for a tenant with every limit set (all windows
+    and leases), so both costs of the admission script are on record.
+    """
+    socket_path = str(rig.stack.policyd_socket)
+
+    def connect() -> Any:
+        return asyncio.open_unix_connection(socket_path)
+
+    def hit(_: int) -> bytes:
+        return work.authz_request()
+
+    limited_key = make_limited_key(rig)
+
+    def limited(_: int) -> bytes:
+        return work.authz_request(key=limited_key)
+
+    asyncio.run(closed_loop(connect, hit, concurrency=2, duration_s=plan.warmup_s))
+    asyncio.run(closed_loop(connect, limited, concurrency=2, duration_s=plan.warmup_s))
+    runs_before = argon2_runs(rig)
+    hits = _hits(rig, plan, hit)
+    limited_hits = _hits(rig, plan, limited)
     hit_argon2 = _delta(argon2_runs(rig), runs_before)
 
     # Misses: keys policyd has never seen. Making them runs Argon2id in *this* process.
@@ -112,28 +163,8 @@ def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
 
     return {
         "concurrency": plan.policyd_concurrency,
-        "hit": {
-            "sequential_latency_ms": {
-                pct: median([r["sequential_latency_ms"][pct] for r in hits])
-                for pct in ("p50", "p90", "p99")
-            },
-            "sequential_decisions_per_s": median([r["sequential_decisions_per_s"] for r in hits]),
-            "concurrent_decisions_per_s": median([r["concurrent_decisions_per_s"] for r in hits]),
-            "concurrent_latency_ms": {
-                pct: median([r["concurrent_latency_ms"][pct] for r in hits])
-                for pct in ("p50", "p90", "p99")
-            },
-            "cpu_ms_per_decision": {
-                name: median([r["cpu_ms_per_decision"][name] for r in hits])
-                for name in ("policyd", "redis")
-            },
-            "argon2_runs": hit_argon2,
-            "decisions": sum(
-                r["sequential_latency_ms"]["n"] + r["concurrent_latency_ms"]["n"] for r in hits
-            ),
-            "failures": sum(sum(r["failures"].values()) for r in hits),
-            "rounds": hits,
-        },
+        "hit": {**_hit_summary(hits), "argon2_runs": hit_argon2},
+        "hit_limited": _hit_summary(limited_hits),
         "miss": {
             "keys": len(fresh),
             "latency_ms": summary(misses.latencies_ms),

@@ -21,13 +21,13 @@ import attrs
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd import admin
+from policyd import admin, limits_admin
 from tests.bench.bare import bare_caddyfile
 from tests.support.processes import ProcessHandle
 from tests.support.services import REPO_ROOT, CaddyServer, Service, StandinServer
 from tests.support.stack import Stack, StackConfig
 
-__all__ = ["BenchRig", "RigConfig", "Target", "make_keys"]
+__all__ = ["BenchRig", "RigConfig", "Target", "make_keys", "make_limited_key"]
 
 _RUN_DIR_PREFIX: Final = "nz-bench-"
 _TENANT: Final = "bench"
@@ -207,6 +207,40 @@ async def _create_keys(database_url: str, redis_url: str, *, names: list[str]) -
     finally:
         await redis.aclose()
         await engine.dispose()
+
+
+#: Every limit set, none ever reached in a run (policyd alone leaves every lease and
+#: reservation open, as nothing settles them).
+_LIMITED_TENANT: Final = "bench-limited"
+_NEVER_REACHED: Final = {
+    "rpm": 10**7,
+    "tpm": 10**12,
+    "concurrency": 10**7,
+    "daily_tokens": 10**13,
+    "monthly_tokens": 10**14,
+    "total_tokens": 10**15,
+}
+
+
+async def _create_limited_key(database_url: str, redis_url: str) -> str:
+    engine = create_async_engine(database_url)
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.create_tenant(engine, name=_LIMITED_TENANT)
+        target = await limits_admin.resolve_target(engine, tenant=_LIMITED_TENANT, key=None)
+        await limits_admin.set_limits(engine, redis, target, _NEVER_REACHED)
+        created = await admin.create_key(
+            engine, redis, tenant=_LIMITED_TENANT, name="limited", expires_at=None
+        )
+        return created.key
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+def make_limited_key(rig: BenchRig) -> str:
+    """A key whose tenant has every limit set (admission keeps all windows and leases)."""
+    return asyncio.run(_create_limited_key(rig.stack.database_url, rig.stack.redis_url))
 
 
 def make_keys(rig: BenchRig, *, names: list[str]) -> list[str]:
