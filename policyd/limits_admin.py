@@ -181,7 +181,9 @@ _COUNTED_ONLY_WHEN_LIMITED: Final = frozenset({"rpm", "tpm", "concurrency"})
 
 
 def _window_sum(buckets: Mapping[bytes, bytes], now_s: int) -> int:
-    return sum(int(v) for k, v in buckets.items() if int(k) > now_s - _WINDOW_S)
+    # Bucket fields are seconds; "sum" and "lo" are admit.lua's bookkeeping, and may
+    # still include buckets that left the window since the last admission.
+    return sum(int(v) for k, v in buckets.items() if k.isdigit() and int(k) > now_s - _WINDOW_S)
 
 
 async def usage(

@@ -28,20 +28,68 @@ if redis.call('EXISTS', KEYS[13]) == 1 then
   return {3}
 end
 
--- Sum of the one-second buckets still inside the sliding window; drops older ones.
-local function window(key)
+-- A window is a hash of one-second buckets ("<second>" -> count) plus two bookkeeping
+-- fields, "sum" (of every bucket) and "lo" (the oldest bucket's second), so a check reads
+-- two fields instead of up to sixty buckets. A bucket counts while second > now - 60.
+local FLOOR = now_s - WINDOW + 1
+
+-- Rebuild sum and lo from the buckets: for a new window, one written without them, or
+-- one not looked at for so long (another node's clock) that walking it would cost more.
+local function recount(key)
   local flat = redis.call('HGETALL', key)
-  local sum, oldest, stale = 0, -1, {}
+  local sum, lo, stale = 0, nil, {}
   for i = 1, #flat, 2 do
     local sec = tonumber(flat[i])
-    if sec <= now_s - WINDOW then
-      stale[#stale + 1] = flat[i]
-    else
-      sum = sum + tonumber(flat[i + 1])
-      if oldest < 0 or sec < oldest then oldest = sec end
+    if sec then  -- not 'sum' or 'lo'
+      if sec < FLOOR then
+        stale[#stale + 1] = flat[i]
+      else
+        sum = sum + tonumber(flat[i + 1])
+        if not lo or sec < lo then lo = sec end
+      end
     end
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if lo then
+    redis.call('HSET', key, 'sum', sum, 'lo', lo)
+    return sum, lo
+  end
+  redis.call('HDEL', key, 'sum', 'lo')
+  return 0, -1
+end
+
+-- (sum, oldest second) of the buckets inside the window; drops the ones that left it.
+local function window(key)
+  local head = redis.call('HMGET', key, 'sum', 'lo')
+  local sum, lo = tonumber(head[1]), tonumber(head[2])
+  if not sum or not lo or FLOOR - lo > WINDOW then
+    return recount(key)
+  end
+  if lo >= FLOOR then
+    return sum, lo
+  end
+  -- Walk from the old oldest bucket to the first one still inside: each second is
+  -- walked once in the window's life, so under steady load this is one or two fields.
+  local secs = {}
+  for sec = lo, now_s do secs[#secs + 1] = sec end
+  local counts = redis.call('HMGET', key, unpack(secs))
+  local stale, oldest = {}, nil
+  for i = 1, #secs do
+    if counts[i] then
+      if secs[i] >= FLOOR then
+        oldest = secs[i]
+        break
+      end
+      stale[#stale + 1] = secs[i]
+      sum = sum - tonumber(counts[i])
+    end
+  end
+  if not oldest then
+    -- Nothing left up to now: empty, or only buckets ahead of this clock.
+    return recount(key)
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  redis.call('HSET', key, 'sum', sum, 'lo', oldest)
   return sum, oldest
 end
 
@@ -89,8 +137,14 @@ end
 for i = 1, 4 do
   -- A new bucket (the first of this second) renews the window's expiry; the key then
   -- outlives every bucket that can still count.
-  if limited(i) and redis.call('HINCRBY', KEYS[i], now_s, cost[i]) == cost[i] then
-    redis.call('EXPIRE', KEYS[i], WINDOW + 1)
+  if limited(i) then
+    if redis.call('HINCRBY', KEYS[i], now_s, cost[i]) == cost[i] then
+      redis.call('EXPIRE', KEYS[i], WINDOW + 1)
+    end
+    redis.call('HINCRBY', KEYS[i], 'sum', cost[i])
+    if oldest[i] < 0 or now_s < oldest[i] then
+      redis.call('HSET', KEYS[i], 'lo', now_s)
+    end
   end
 end
 local lease_until = now_ms + tonumber(ARGV[4])
@@ -109,8 +163,11 @@ for i = 7, 12 do
     redis.call('EXPIRE', KEYS[i], ttl[i])
   end
 end
+-- tk/tt: whether the key's and the tenant's TPM windows hold this reservation, so that
+-- settlement corrects only a window that was charged.
 redis.call('HSET', KEYS[13], 'k', ARGV[20], 't', ARGV[21], 'tok', reserve,
-  'sec', now_s, 'day', ARGV[22], 'mon', ARGV[23], 'lease', lease_until)
+  'sec', now_s, 'day', ARGV[22], 'mon', ARGV[23], 'lease', lease_until,
+  'tk', limited(3) and 1 or 0, 'tt', limited(4) and 1 or 0)
 redis.call('EXPIRE', KEYS[13], ARGV[5])
 
 -- Rate-limit figures for the response headers: the tighter of key and tenant.

@@ -23,6 +23,9 @@ local fields = {}
 for i = 1, #rec, 2 do fields[rec[i]] = rec[i + 1] end
 
 local key_id, day, month, sec, delta, status
+-- Which TPM windows hold the reservation (reservations made before admission recorded
+-- this were charged to both).
+local charged = {fields['tk'] ~= '0', fields['tt'] ~= '0'}
 if fields['tok'] then
   key_id, day, month = fields['k'], fields['day'], fields['mon']
   sec = tonumber(fields['sec'])
@@ -48,10 +51,12 @@ end
 
 local now_s = tonumber(redis.call('TIME')[1])
 if sec > now_s - 60 then
-  -- Only windows admission keeps (a TPM limit applies); never create one without expiry.
-  for _, window in ipairs({base .. 'tpm:k:' .. key_id, base .. 'tpm:t'}) do
-    if redis.call('EXISTS', window) == 1 then
+  -- Correct the admission second's bucket and the window's running sum (see admit.lua);
+  -- a bucket that is gone (window expired or never charged) is left alone.
+  for i, window in ipairs({base .. 'tpm:k:' .. key_id, base .. 'tpm:t'}) do
+    if charged[i] and redis.call('HEXISTS', window, sec) == 1 then
       redis.call('HINCRBY', window, sec, delta)
+      redis.call('HINCRBY', window, 'sum', delta)
     end
   end
 end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -261,7 +262,8 @@ async def test_settle_replaces_the_reservation_and_releases_the_lease(
     assert int(await redis.get(f"{base}day:t:{day}") or 0) == 100
     assert int(await redis.get(f"{base}tot:k:{rec.key_id}") or 0) == 100
     tpm = await redis.hgetall(f"{base}tpm:k:{rec.key_id}")
-    assert sum(int(v) for v in tpm.values()) == 100
+    assert sum(int(v) for k, v in tpm.items() if k.isdigit()) == 100
+    assert int(tpm[b"sum"]) == 100  # the running sum admission reads
     assert (await limiter.admit(rec, request_id="r3", reserve=1)).refusal is None
 
 
@@ -362,9 +364,18 @@ async def test_windows_match_a_reference_model(
         before = await snapshot(redis, rec)
         result = await limiter.admit(rec, request_id=f"r{i}", reserve=reserve)
         assert (result.refusal is None) == expect, (i, live, reserve)
+        # Slots come back when the oldest request still counting leaves the window.
+        oldest = min((s for s, _ in live), default=now_s)
+        frees_in = f"{max(1, oldest + 60 - now_s)}s"
         if expect:
+            headers = dict(result.headers)
+            assert headers["x-ratelimit-reset-requests"] == frees_in
+            assert headers["x-ratelimit-reset-tokens"] == frees_in
+            assert headers["x-ratelimit-remaining-requests"] == str(rpm - len(live) - 1)
             history.append((now_s, reserve))
         else:
+            assert result.refusal is not None
+            assert dict(result.refusal.headers)["retry-after"] == frees_in[:-1]
             after = await snapshot(redis, rec)
             assert {k: v for k, v in after.items() if b":rpm:" not in k and b":tpm:" not in k} == {
                 k: v for k, v in before.items() if b":rpm:" not in k and b":tpm:" not in k
@@ -417,3 +428,45 @@ async def test_a_limit_set_later_counts_from_then(redis: aioredis.Redis) -> None
     assert await admitted(limiter, before, 5) == 5
     after = record(tenant_id=tenant_id, key_id=key_id, key=Limits(rpm=3, concurrency=3))
     assert await admitted(limiter, after, 5) == 3
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 30), st.integers(1, 30), st.integers(0, 40)),
+        min_size=1,
+        max_size=20,
+    ),
+    tpm=st.integers(40, 120),
+)
+async def test_settled_windows_match_a_reference_model(
+    redis: aioredis.Redis, steps: list[tuple[int, int, int]], tpm: int
+) -> None:
+    """Settlement replaces a reservation by actual tokens in the TPM window, as the model does."""
+    # Settlement reads Redis' own clock: start at real time so buckets are still inside.
+    clock = Clock(dt.datetime.now(dt.UTC))
+    rec = record(key=Limits(tpm=tpm))
+    limiter = make_limiter(redis, clock, lease_ttl_s=3600)
+    history: dict[str, tuple[int, int]] = {}  # request id -> (second, tokens counted)
+    for i, (gap, reserve, actual) in enumerate(steps):
+        clock.advance(gap)
+        now_s = int(clock.now)
+        live = sum(t for s, t in history.values() if s > now_s - 60)
+        result = await limiter.admit(rec, request_id=f"r{i}", reserve=reserve)
+        assert (result.refusal is None) == (live + reserve <= tpm), (i, live, reserve)
+        if result.refusal is None:
+            history[f"r{i}"] = (now_s, reserve)
+            if i % 2 == 0:  # every other request is settled before the next one arrives
+                keys, args = settle_call(
+                    tenant_id=rec.tenant_id,
+                    key_id=rec.key_id,
+                    request_id=f"r{i}",
+                    prompt_tokens=actual // 2,
+                    completion_tokens=actual - actual // 2,
+                    requested_at=dt.datetime.fromtimestamp(clock.now, dt.UTC),
+                    ledger_ms=int(time.time() * 1000),
+                )
+                assert (await redis.eval(settle_script(), len(keys), *keys, *args))[0] == 1
+                history[f"r{i}"] = (now_s, actual)
