@@ -30,7 +30,8 @@ class Plan:
     policyd_s: float
     policyd_concurrency: int
     miss_keys: int
-    #: Scenario 4: seconds of saturating traffic written while meterd is stopped.
+    #: Scenario 4: seconds of saturating traffic written while meterd is stopped. The
+    #: backlog must span many of meterd's 500-line batches: the first is not timed.
     meterd_backlog_s: float
 
 
@@ -50,7 +51,7 @@ FULL = Plan(
     policyd_s=4.0,
     policyd_concurrency=8,
     miss_keys=24,
-    meterd_backlog_s=8.0,
+    meterd_backlog_s=16.0,
 )
 
 QUICK = attrs.evolve(
@@ -65,7 +66,7 @@ QUICK = attrs.evolve(
     stream_tokens=20,
     policyd_s=1.5,
     miss_keys=6,
-    meterd_backlog_s=2.0,
+    meterd_backlog_s=5.0,
 )
 
 SMOKE = attrs.evolve(
