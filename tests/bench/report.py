@@ -119,11 +119,18 @@ def render_table(results: Mapping[str, Any]) -> str:
         lines += _table(
             ["target", "max req/s", "at req/s", "p50", "p90", "p99", "cpu", "failed"], rows
         )
+        floors = small.get("auth_hop_floor_ms_by_rate") or {}
         for rate, added in small["added_latency_by_rate_ms"].items():
             lines.append(
                 f"added by the gateway (c - b) at {rate} req/s: p50 {_fmt(added['p50'])}, "
                 f"p99 {_fmt(added['p99'])}"
             )
+            floor = floors.get(rate)
+            if floor:
+                lines.append(
+                    f"  of which the auth hop to a do-nothing responder (b2 - b): "
+                    f"p50 {_fmt(floor['p50'])}, p99 {_fmt(floor['p99'])}"
+                )
         lines.append("")
     streams = scenarios.get("streams")
     if streams:

@@ -5,7 +5,9 @@
 - a bare Caddy (the gateway's proxy block only) in front of the same stand-in: 1 (b);
 - the stand-in itself: 1 (a);
 - a *paced* stand-in (a realistic token rate) behind a second gateway Caddy, sharing the
-  stack's policyd, and behind a second bare Caddy: scenario 2 (c) and (b).
+  stack's policyd, and behind a second bare Caddy: scenario 2 (c) and (b);
+- a gateway Caddy whose forward_auth asks a do-nothing responder (`null_auth.py`) in
+  front of the fast stand-in: 1 (b2), the floor of the auth hop.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from policyd import admin, limits_admin
 from tests.bench.bare import bare_caddyfile
 from tests.support.processes import ProcessHandle
-from tests.support.services import REPO_ROOT, CaddyServer, Service, StandinServer
+from tests.support.services import (
+    REPO_ROOT,
+    CaddyServer,
+    PolicydServer,
+    Service,
+    StandinServer,
+)
 from tests.support.stack import Stack, StackConfig
 
 __all__ = ["BenchRig", "RigConfig", "Target", "make_keys", "make_limited_key"]
@@ -114,7 +122,37 @@ class BenchRig:
                     name="caddy-paced",
                 )
             )
-            self._extras = (self.paced, self.bare, self.bare_paced, self.gateway_paced)
+            self.null_auth: Final = Service(
+                PolicydServer(
+                    socket_path=self.base_dir / "null-auth.sock",
+                    log_dir=logs,
+                    app="tests.bench.null_auth:create_app",
+                    name="null-auth",
+                )
+            )
+            self.gateway_null: Final = Service(
+                CaddyServer(
+                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-null",
+                    settings={
+                        "NZ_POLICYD_SOCKET": str(self.null_auth.launcher.socket_path),
+                        "NZ_OLLAMA_URL": self.stack.ollama_url,
+                        # Its own log, which no meterd reads.
+                        "NZ_ACCESS_LOG": str(logs / "access-null.log"),
+                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
+                    },
+                    name="caddy-null",
+                )
+            )
+            self._extras = (
+                self.paced,
+                self.bare,
+                self.bare_paced,
+                self.gateway_paced,
+                self.null_auth,
+                self.gateway_null,
+            )
         except BaseException:
             # Nothing has started yet; only the directory needs to go.
             shutil.rmtree(self.base_dir, ignore_errors=True)
@@ -130,6 +168,10 @@ class BenchRig:
     def caddy_only(self) -> Target:
         """Scenario (b): bare Caddy in front of the fast stand-in."""
         return Target(name="b_caddy", host="127.0.0.1", port=self.bare.launcher.port)
+
+    def null_auth_gateway(self) -> Target:
+        """Scenario (b2): the gateway's Caddyfile whose forward_auth decides nothing."""
+        return Target(name="b2_null_auth", host="127.0.0.1", port=self.gateway_null.launcher.port)
 
     def gateway(self) -> Target:
         """Scenario (c): the full gateway in front of the fast stand-in."""

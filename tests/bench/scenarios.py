@@ -27,6 +27,7 @@ _T = TypeVar("_T")
 _PARTS: dict[str, tuple[str, ...]] = {
     "a_direct": ("standin",),
     "b_caddy": ("caddy-bare", "standin"),
+    "b2_null_auth": ("caddy-null", "null-auth", "standin"),
     "c_gateway": ("caddy", "policyd", "redis", "postgres", "standin", "meterd"),
 }
 #: Something to run beside the gateway's fixed-rate load (meterd's lag sampler).
@@ -135,7 +136,7 @@ def small_requests(
     `script` is the wrk script sending `work.small()` (see `load.wrk_script`). Latency is
     measured at every rate of `plan.fixed_rates`; the first is the headline figure.
     """
-    targets = [rig.direct(), rig.caddy_only(), rig.gateway()]
+    targets = [rig.direct(), rig.caddy_only(), rig.null_auth_gateway(), rig.gateway()]
     for target in targets:
         wrk_saturate(
             f"http://{target.host}:{target.port}",
@@ -152,17 +153,22 @@ def small_requests(
             )
     results = {name: _small_medians(per_round, plan) for name, per_round in rounds.items()}
     gateway, caddy = results["c_gateway"], results["b_caddy"]
+    null_auth = results["b2_null_auth"]
     ratio = None
     if gateway["saturation_rps"] and caddy["saturation_rps"]:
         ratio = round(gateway["saturation_rps"] / caddy["saturation_rps"], 3)
-    added = {
-        rate: difference(
-            gateway["latency_by_rate_ms"][rate],
-            caddy["latency_by_rate_ms"][rate],
-            ("p50", "p90", "p99"),
-        )
-        for rate in gateway["latency_by_rate_ms"]
-    }
+
+    def added_by(upper: dict[str, Any], lower: dict[str, Any]) -> dict[str, Any]:
+        return {
+            rate: difference(
+                upper["latency_by_rate_ms"][rate],
+                lower["latency_by_rate_ms"][rate],
+                ("p50", "p90", "p99"),
+            )
+            for rate in upper["latency_by_rate_ms"]
+        }
+
+    added = added_by(gateway, caddy)
     return {
         "fixed_rate_rps": plan.fixed_rates[0],
         "fixed_rates_rps": list(plan.fixed_rates),
@@ -170,6 +176,9 @@ def small_requests(
         "targets": results,
         "added_latency_ms": added[_rate_key(plan.fixed_rates[0])],
         "added_latency_by_rate_ms": added,
+        # The split of the addition: the auth hop by itself (b2 - b), deciding (c - b2).
+        "auth_hop_floor_ms_by_rate": added_by(null_auth, caddy),
+        "deciding_ms_by_rate": added_by(gateway, null_auth),
         "throughput_ratio": ratio,
     }
 

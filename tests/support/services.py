@@ -530,10 +530,12 @@ class PolicydServer:
     settings: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     name: str = "policyd"
+    #: The ASGI factory Granian serves (the benchmark swaps in a do-nothing responder).
+    app: str = "policyd.app:create_app"
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "policyd.log"
+        return self.log_dir / f"{self.name}.log"
 
     def start(self) -> ProcessHandle:
         """Start Granian on the socket and wait until /healthz answers 200."""
@@ -548,7 +550,7 @@ class PolicydServer:
             "--uds-permissions", "0660",
             "--workers", "1",
             "--http1-buffer-size", str(granian_buffer_size(self.max_body_bytes)),
-            "policyd.app:create_app",
+            self.app,
         ]  # fmt: skip
         env = base_env(
             {
@@ -561,7 +563,7 @@ class PolicydServer:
         wait_until(
             lambda: self.socket_path.exists() and self.healthy(),
             handle=handle,
-            what=f"policyd on {self.socket_path}",
+            what=f"{self.name} on {self.socket_path}",
         )
         return handle
 
