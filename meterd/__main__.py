@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 from typing import Final
+
+import uvloop
 
 from meterd import daemon, health
 from meterd.settings import SettingsError, load_settings
@@ -83,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("meterd").info(
         "meterd starting: node %s, log %s", settings.node, settings.access_log
     )
-    sys.exit(asyncio.run(daemon.run(settings)))
+    # What is loaded by now lives as long as the process: spare the collector from
+    # scanning it again and again while batches churn through short-lived objects.
+    gc.collect()
+    gc.freeze()
+    # uvloop: each round trip to Postgres or Redis costs half the CPU of asyncio's loop.
+    sys.exit(uvloop.run(daemon.run(settings)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The meter loop: tail -> parse -> measure -> settle, in batches, until SIGTERM.
 
 - A batch is whatever complete lines the log has, up to NZ_METERD_BATCH_LINES: under
-  load batches fill up, when idle each request is settled within a poll interval.
+  load batches fill up (and the next one is read and parsed while one is written);
+  once caught up, what arrives gathers for a poll interval and is settled as one batch.
 - A Postgres or Redis outage pauses settlement: the same batch is retried with
   backoff, the checkpoint stays where it is, the heartbeat says "retrying", and the
   lag grows until the store is back. Anything else is a bug and stops the daemon
@@ -25,18 +26,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-import sqlalchemy.exc as sa_errors
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from meterd import health
-from meterd.parse import BadLine, parse_line
+from meterd.db import create_pool, is_pg_outage
+from meterd.parse import BadLine, Event, parse_line
 from meterd.settings import Settings
 from meterd.settle import Batch, Record, Store
+from meterd.settle_script import SettleScript
 from meterd.sweep import Sweeper, hold_off_s
 from meterd.tail import Checkpoint, Follower, Line, start_of
 from meterd.usage import Calibration, measure
+from policyd import contract
 
 __all__ = ["Daemon", "is_outage", "run"]
 
@@ -45,8 +48,13 @@ _T = TypeVar("_T")
 
 _FIRST_BACKOFF_S: Final = 0.5
 _RELOAD_CALIBRATION_S: Final = 600.0
+_REDIS_TIMEOUT_S: Final = 5.0
+_CANCEL_AGAIN_S: Final = 0.1
+_CLOSE_S: Final = 5.0
+#: Lines parsed between two looks at the settlement running meanwhile (`_read_ahead`).
+_PARSE_SLICE: Final = 50
 
-# Errors that mean "the store is unavailable right now", as opposed to a bug.
+# Redis errors that mean "unavailable right now", as opposed to a bug (Postgres's: db.py).
 _REDIS_OUTAGES: Final = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
@@ -55,39 +63,61 @@ _REDIS_OUTAGES: Final = (
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,
 )
-_PG_OUTAGES: Final = (
-    sa_errors.OperationalError,
-    sa_errors.InterfaceError,
-    sa_errors.TimeoutError,
-)
 
 
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` is Postgres or Redis being unavailable (retry) rather than a bug."""
-    if isinstance(exc, (*_REDIS_OUTAGES, *_PG_OUTAGES, OSError, asyncio.TimeoutError)):
+    if isinstance(exc, (*_REDIS_OUTAGES, OSError, asyncio.TimeoutError)):
         return True
-    return isinstance(exc, sa_errors.DBAPIError) and exc.connection_invalidated
+    return is_pg_outage(exc)
+
+
+#: Lines read ahead, with what parse_line made of each.
+_Ahead = tuple[list[Line], list[Event | BadLine]]
 
 
 class _Stopped(Exception):
     """SIGTERM arrived and the drain time is over."""
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end.
+
+    Python 3.11's `asyncio.wait_for` (redis-py writes through it) loses a cancellation
+    that arrives just as the awaited write completes, and the task carries on; so the
+    cancellation is repeated until the task has ended.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
+    with contextlib.suppress(asyncio.CancelledError, _Stopped):
+        task.result()
+
+
 class Daemon:
     """One node's meter: owns the follower, the calibration and the counters."""
 
-    def __init__(self, settings: Settings, *, engine: AsyncEngine, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        script: SettleScript,
+    ) -> None:
         self.settings: Final = settings
         self._redis = redis
         self._store = Store(
-            engine,
-            redis,
+            pool,
+            script,
             node=settings.node,
             log_path=settings.access_log,
             prompt_retention_days=settings.prompt_retention_days,
             max_prompt_bytes=settings.max_prompt_bytes,
         )
-        self._sweeper = Sweeper(engine, redis, node=settings.node, grace_s=settings.sweep_grace_s)
+        self._sweeper = Sweeper(
+            pool, redis, script, node=settings.node, grace_s=settings.sweep_grace_s
+        )
         self._calibration = Calibration()
         # Set once the tail has read everything there was: only then can a missing line
         # be told from one this node has not read yet.
@@ -136,9 +166,7 @@ class Daemon:
                 _log.warning("stopped before the backlog was settled; it is settled next start")
         finally:
             for task in (metering, *background):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, _Stopped):
-                    await task
+                await _cancel(task)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         _log.info(
@@ -159,66 +187,123 @@ class Daemon:
         )
         # After the last batch whose Redis step is done, not yet stored (see settle.py).
         unstored: Checkpoint | None = None
+        # The last batch was full: meterd is working through a backlog.
+        backlog = False
         reloaded = time.monotonic()
+        # Lines read, and parsed, while the previous batch was being written.
+        ahead: _Ahead | None = None
         try:
             while True:
-                lines, self._lag_bytes = await asyncio.to_thread(
-                    self._read, follower, self.settings.batch_lines
-                )
+                if ahead is None:
+                    # Read in the loop's thread: a few syscalls on a local file, cheaper
+                    # than handing each poll to a worker thread and back.
+                    lines, parsed = follower.read(self.settings.batch_lines), None
+                    self._lag_bytes = follower.lag_bytes()
+                else:
+                    (lines, parsed), ahead = ahead, None
                 if not lines:
                     self._caught_up.set()
                     if unstored is not None:
-                        await self._retry(
-                            "store the checkpoint", functools.partial(self._store.advance, unstored)
-                        )
+                        await self._store_checkpoint(unstored)
                         unstored = None
                     if self._stop.is_set():
                         return  # drained: everything written before SIGTERM is settled
                     if self._lag_bytes == 0:
                         self._last_started = None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), self.settings.poll_s)
+                    await self._pause()
                     continue
                 if self._past_drain():
                     raise _Stopped
-                batch = self._batch(lines)
-                await self._settle(batch, resume=resume or start_of(lines[0]))
+                batch = self._batch(lines, parsed)
+                settling = self._settle(batch, resume=resume or start_of(lines[0]))
+                if len(lines) == self.settings.batch_lines:
+                    # A backlog: read and parse the next batch while this one is written.
+                    ahead = await self._read_ahead(follower, settling)
+                else:
+                    await settling
                 resume = unstored = batch.checkpoint
                 if time.monotonic() - reloaded > _RELOAD_CALIBRATION_S:
                     reloaded = time.monotonic()
                     await self._reload_calibration()
+                if len(lines) == self.settings.batch_lines:
+                    backlog = True  # read on at once
+                    continue
+                if self._stop.is_set():
+                    continue  # draining: read on until the log is empty
+                # Caught up: let what arrives meanwhile gather for a poll interval, so a
+                # steady trickle is settled in one batch per interval, not line by line.
+                # The next batch stores this position with its own rows; only the end of
+                # a backlog stores it at once (the position shows how far meterd is).
+                self._caught_up.set()
+                if backlog:
+                    await self._store_checkpoint(unstored)
+                    unstored = None
+                    backlog = False
+                await self._pause()
         finally:
             follower.close()
 
-    @staticmethod
-    def _read(follower: Follower, max_lines: int) -> tuple[list[Line], int]:
-        lines = follower.read(max_lines)
-        return lines, follower.lag_bytes()
+    async def _read_ahead(self, follower: Follower, settling: Awaitable[None]) -> _Ahead:
+        """Read and parse the next lines while `settling` waits for Postgres and Redis.
+
+        Parsing yields to the event loop every few lines, so the settlement takes each
+        step as soon as its reply is in; the lines are measured once it is done (the
+        calibration learns from the batch being settled first).
+        """
+        task = asyncio.ensure_future(settling)
+        try:
+            await asyncio.sleep(0)  # let it send its statement first
+            lines = follower.read(self.settings.batch_lines)
+            self._lag_bytes = follower.lag_bytes()
+            parsed: list[Event | BadLine] = []
+            for start in range(0, len(lines), _PARSE_SLICE):
+                parsed += [
+                    parse_line(line.data, truncated=line.truncated)
+                    for line in lines[start : start + _PARSE_SLICE]
+                ]
+                await asyncio.sleep(0)
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        return lines, parsed
+
+    async def _store_checkpoint(self, position: Checkpoint) -> None:
+        await self._retry("store the checkpoint", functools.partial(self._store.advance, position))
+
+    async def _pause(self) -> None:
+        """Wait one poll interval; SIGTERM ends the wait."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.poll_s):
+                await self._stop.wait()
 
     def _past_drain(self) -> bool:
         return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
 
     # --- one batch ------------------------------------------------------------------------
 
-    def _batch(self, lines: list[Line]) -> Batch:
+    def _batch(self, lines: list[Line], parsed: list[Event | BadLine] | None = None) -> Batch:
+        """Measure the lines (`parsed`: their parse_line results, if parsed already)."""
         records: list[Record] = []
         bad = 0
-        for line in lines:
-            parsed = parse_line(line.data, truncated=line.truncated)
-            if isinstance(parsed, BadLine):
+        if parsed is None:
+            parsed = [parse_line(line.data, truncated=line.truncated) for line in lines]
+        for line, event in zip(lines, parsed, strict=True):
+            if isinstance(event, BadLine):
                 bad += 1
                 _log.warning(
                     "skipping bad log line (inode %d, offset %d): %s",
                     line.checkpoint.file.inode,
                     line.start,
-                    parsed.reason,
+                    event.reason,
                 )
                 continue
-            if parsed.is_probe:
+            if event.is_probe:
                 continue
-            measured = measure(parsed, self._calibration)
+            measured = measure(event, self._calibration)
             records.append(
-                Record(event=parsed, usage=measured.usage, observation=measured.observation)
+                Record(event=event, usage=measured.usage, observation=measured.observation)
             )
         return Batch(
             records=tuple(records),
@@ -343,12 +428,24 @@ class Daemon:
 
 async def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM; returns the process exit code."""
-    engine = create_async_engine(
-        settings.database_url, pool_size=2, pool_pre_ping=True, connect_args={"timeout": 5}
+    # Connects on first use: Postgres being down at start is retried like any outage.
+    pool = await create_pool(settings.database_url)
+    client = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
     )
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    script = SettleScript(
+        source=contract.settle_script(),
+        redis_url=settings.redis_url,
+        redis=client,
+        timeout_s=_REDIS_TIMEOUT_S,
+    )
     try:
-        return await Daemon(settings, engine=engine, redis=client).run()
+        return await Daemon(settings, pool=pool, redis=client, script=script).run()
     finally:
+        await script.aclose()
         await client.aclose()
-        await engine.dispose()
+        try:
+            async with asyncio.timeout(_CLOSE_S):
+                await pool.close()
+        except TimeoutError:
+            pool.terminate()  # Postgres does not answer: just drop the connections

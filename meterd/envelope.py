@@ -10,6 +10,7 @@ The layouts follow Ollama's encoders (`api/types.go`, `openai/openai.go`): Go's
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Final
 
@@ -149,6 +150,7 @@ def _openai(model: str, path: str, *, with_usage: bool) -> Envelope:
     return Envelope(per_chunk=per_chunk - _ID_SHORTFALL, fixed=events_fixed + done)
 
 
+@functools.lru_cache(maxsize=1024)
 def envelope_for(path: str, model: str, *, with_usage: bool = False) -> Envelope:
     """The envelope of a streamed reply from `path` for a request naming `model`.
 

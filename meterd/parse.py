@@ -16,6 +16,7 @@ and `nz_stream_usage` (an OpenAI stream that asked for `include_usage`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import math
@@ -41,6 +42,8 @@ _MAX_DURATION_S: Final = 10.0**7
 # Sane wall-clock range for `ts`: anything else is a damaged line, not a request.
 _MIN_TS: Final = 946_684_800.0  # 2000-01-01
 _MAX_TS: Final = 7_258_118_400.0  # 2200-01-01
+# Key and tenant ids and client addresses repeat from line to line: parsed once each.
+_CACHED: Final = 4096
 _METHOD: Final = re.compile(r"^[A-Z]{1,16}$")
 _PREFIX: Final = re.compile(r"^nz_[a-z0-9]{1,32}$")
 _REFUSAL: Final = re.compile(r"^[a-z0-9_.-]{1,64}$")
@@ -150,6 +153,16 @@ def _uuid(value: object) -> uuid.UUID | None:
         return None
 
 
+@functools.lru_cache(maxsize=_CACHED)
+def _known_uuid(value: str) -> uuid.UUID | None:
+    return _uuid(value)
+
+
+def _id(value: object) -> uuid.UUID | None:
+    """`_uuid` for ids that recur (keys, tenants)."""
+    return _known_uuid(value) if isinstance(value, str) else None
+
+
 def _first_header(headers: object, name: str) -> object:
     """First value of header `name` in Caddy's `{"Name": ["v", ...]}` maps."""
     if not isinstance(headers, dict):
@@ -163,6 +176,11 @@ def _first_header(headers: object, name: str) -> object:
 def _ip(value: object) -> str | None:
     if not isinstance(value, str) or len(value) > 64:
         return None
+    return _canonical_ip(value)
+
+
+@functools.lru_cache(maxsize=_CACHED)
+def _canonical_ip(value: str) -> str | None:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -289,9 +307,9 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
             _MAX_USER_AGENT,
         ),
         refusal=_match(_REFUSAL, _first_header(resp_headers, H_REFUSAL)),
-        key_id=_uuid(data.get("nz_key_id")),
+        key_id=_id(data.get("nz_key_id")),
         key_prefix=_match(_PREFIX, data.get("nz_key_prefix")),
-        tenant_id=_uuid(data.get("nz_tenant_id")),
+        tenant_id=_id(data.get("nz_tenant_id")),
         surface=data.get("nz_surface") if data.get("nz_surface") in _SURFACES else None,
         model=clean_text(data.get("nz_model"), _MAX_MODEL),
         stream=_flag(data.get("nz_stream")),

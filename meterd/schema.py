@@ -1,8 +1,10 @@
 """meterd's tables: the audit log, the usage ledger, the prompt log, checkpoints, calibration.
 
-Alembic (`migrations/versions/0002_meterd.py`) builds them; this module is the SQLAlchemy
-view meterd writes through. No table references policyd's: a key may be deleted while
-its audit history stays, and the two daemons own their tables separately.
+Alembic (`migrations/versions/0002_meterd.py`) builds them; this module is their
+SQLAlchemy description (for Alembic's comparisons, the CLI's reads and the tests).
+meterd itself writes with the SQL in `writes.py`, which must match these columns. No
+table references policyd's: a key may be deleted while its audit history stays, and the
+two daemons own their tables separately.
 """
 
 from __future__ import annotations

@@ -36,17 +36,16 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
+import asyncpg  # type: ignore[import-untyped]
 import attrs
 import msgspec
 import redis.asyncio as aioredis
-import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from meterd import writes
 from meterd.health import heartbeat_key
 from meterd.parse import Event
-from meterd.schema import audit_log
-from meterd.settle import Record, RedisSettlement, add_to_ledger, audit_row, settle_in_redis
+from meterd.settle import Record, RedisSettlement, settle_in_redis
+from meterd.settle_script import SettleScript
 from meterd.usage import Source, Usage
 
 __all__ = [
@@ -70,9 +69,7 @@ _HEARTBEATS: Final = heartbeat_key("*")
 _MAX_TOKENS: Final = 2**62
 
 # The key's public prefix, for the audit row and the warning; the key may be gone.
-_PREFIXES: Final = sa.text("SELECT id, prefix FROM api_keys WHERE id = ANY(:ids)").bindparams(
-    sa.bindparam("ids", type_=sa.ARRAY(sa.Uuid()))
-)
+_PREFIXES: Final = "SELECT id, prefix FROM api_keys WHERE id = ANY($1::uuid[])"
 
 
 @attrs.frozen(kw_only=True)
@@ -163,16 +160,18 @@ class Sweeper:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        pool: asyncpg.Pool,
         redis: aioredis.Redis,
+        script: SettleScript,
         *,
         node: str,
         grace_s: float,
         scan_count: int = _SCAN_COUNT,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._engine = engine
+        self._pool = pool
         self._redis = redis
+        self._script = script
         self._node = node
         self._grace_s = grace_s
         self._scan_count = scan_count
@@ -214,8 +213,9 @@ class Sweeper:
 
     async def _settle(self, overdue: list[Reservation]) -> int:
         charged = Usage(prompt_tokens=0, completion_tokens=0, source=Source.RESERVED)
-        async with self._engine.begin() as conn:
-            prefixes = await self._prefixes(conn, overdue)
+        async with self._pool.acquire() as conn, conn.transaction():
+            key_ids = list({r.key_id for r in overdue})
+            prefixes = {row[0]: row[1] for row in await conn.fetch(_PREFIXES, key_ids)}
             records = [
                 _record(
                     r,
@@ -224,24 +224,23 @@ class Sweeper:
                 )
                 for r in overdue
             ]
-            stmt = (
-                pg_insert(audit_log)
-                .on_conflict_do_nothing(index_elements=[audit_log.c.request_id])
-                .returning(audit_log.c.request_id)
-            )
-            rows = [audit_row(r, self._node) for r in records]
-            inserted = set((await conn.execute(stmt, rows)).scalars())
+            inserted = await writes.insert_audit(conn, records, node=self._node)
             new = [r for r in records if r.event.request_id in inserted]
-            await add_to_ledger(conn, new)
+            await writes.add_to_ledger(conn, new)
             # Audited already (the line arrived, another node swept, or we crashed before
             # Redis last time): settle with what the audit row says, not the reservation.
-            earlier = await self._audited(
-                conn, [r for r in records if r.event.request_id not in inserted]
-            )
+            by_id = {r.event.request_id: r for r in records if r.event.request_id not in inserted}
+            audited = await writes.audited(conn, list(by_id))
         durable_ms = int(time.time() * 1000)
         items = [RedisSettlement(record=r, ledger_ms=durable_ms) for r in new]
-        items += earlier
-        await settle_in_redis(self._redis, items)
+        items += [
+            RedisSettlement(
+                record=attrs.evolve(by_id[request_id], usage=done.usage),
+                ledger_ms=int(done.at.timestamp() * 1000),
+            )
+            for request_id, done in audited.items()
+        ]
+        await settle_in_redis(self._script, items)
         for record in new:
             _log.warning(
                 "log line never arrived: request %s of key %s charged its reservation of %d tokens",
@@ -250,35 +249,3 @@ class Sweeper:
                 record.usage.completion_tokens,
             )
         return len(new)
-
-    @staticmethod
-    async def _prefixes(
-        conn: AsyncConnection, overdue: Sequence[Reservation]
-    ) -> dict[uuid.UUID, str]:
-        ids = list({r.key_id for r in overdue})
-        result = await conn.execute(_PREFIXES, {"ids": ids})
-        return {row.id: row.prefix for row in result}
-
-    @staticmethod
-    async def _audited(conn: AsyncConnection, records: Sequence[Record]) -> list[RedisSettlement]:
-        if not records:
-            return []
-        by_id = {r.event.request_id: r for r in records}
-        c = audit_log.c
-        stmt = sa.select(
-            c.request_id, c.settled_at, c.prompt_tokens, c.completion_tokens, c.usage_source
-        ).where(c.request_id.in_(list(by_id)))
-        items = []
-        for row in await conn.execute(stmt):
-            usage = Usage(
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=row.completion_tokens,
-                source=Source(row.usage_source),
-            )
-            items.append(
-                RedisSettlement(
-                    record=attrs.evolve(by_id[row.request_id], usage=usage),
-                    ledger_ms=int(row.settled_at.timestamp() * 1000),
-                )
-            )
-        return items

@@ -151,6 +151,9 @@ class Follower:
             return sum(c.st.st_size for c in self._all_candidates())
         st = os.fstat(self._fd)
         lag = max(st.st_size - self._offset, 0)
+        live = self._live()
+        if live is not None and live.file == self._file:
+            return lag  # reading the live file: nothing was rolled after it
         rolled, live = self._snapshot()
         if live is not None and live.file != self._file:
             lag += live.st.st_size + sum(c.st.st_size for c in self._rolled_after(st, rolled))

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -134,22 +135,23 @@ class CalibrationRow:
     context_tokens: float = 0.0
 
     def learn(self, obs: Observation) -> CalibrationRow:
+        """The sums after one more observation: each decays by DECAY, then adds its part."""
         x, y = float(obs.prompt_bytes), float(obs.prompt_tokens)
         has_prompt = 1.0 if x > 0 and y > 0 else 0.0
-        added = {
-            "weight": 1.0,
-            "prompt_weight": has_prompt,
-            "prompt_bytes": x * has_prompt,
-            "prompt_tokens": y * has_prompt,
-            "prompt_bytes_sq": x * x * has_prompt,
-            "prompt_cross": x * y * has_prompt,
-            "content_bytes": float(obs.content_bytes),
-            "completion_tokens": float(obs.completion_tokens),
-            "context_bytes": float(obs.context_bytes),
-            "context_tokens": float(obs.context_tokens),
-        }
-        return attrs.evolve(
-            self, **{name: getattr(self, name) * DECAY + added[name] for name in SUMS}
+        # Spelled out (not a loop over SUMS): this runs twice per exact request.
+        return CalibrationRow(
+            model=self.model,
+            path=self.path,
+            weight=self.weight * DECAY + 1.0,
+            prompt_weight=self.prompt_weight * DECAY + has_prompt,
+            prompt_bytes=self.prompt_bytes * DECAY + x * has_prompt,
+            prompt_tokens=self.prompt_tokens * DECAY + y * has_prompt,
+            prompt_bytes_sq=self.prompt_bytes_sq * DECAY + x * x * has_prompt,
+            prompt_cross=self.prompt_cross * DECAY + x * y * has_prompt,
+            content_bytes=self.content_bytes * DECAY + float(obs.content_bytes),
+            completion_tokens=self.completion_tokens * DECAY + float(obs.completion_tokens),
+            context_bytes=self.context_bytes * DECAY + float(obs.context_bytes),
+            context_tokens=self.context_tokens * DECAY + float(obs.context_tokens),
         )
 
     def prompt_tokens_for(self, size: int) -> float | None:
@@ -166,6 +168,7 @@ class CalibrationRow:
         return size * mean_y / mean_x
 
 
+@functools.lru_cache(maxsize=1024)
 def model_key(model: str | None) -> str:
     """Calibration key of a model name: folded like Ollama matches names, tag defaulted."""
     name = (model or "").strip().lower()

@@ -1,16 +1,19 @@
-"""Fixtures for meterd's tests: engine and Redis clients, tenants and keys, admission."""
+"""Fixtures for meterd's tests: Postgres and Redis clients, tenants and keys, admission."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from policyd.contract import load_script, tenant_base
+from meterd.db import create_pool
+from meterd.settle_script import SettleScript
+from policyd.contract import load_script, settle_script, tenant_base
 from policyd.limits import Limiter
 from policyd.records import KeyRecord, Limits
 from policyd.schema import api_keys, tenants
@@ -27,11 +30,34 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """meterd's asyncpg pool on the session database."""
+    built = await create_pool(database_url)
+    yield built
+    await built.close()
+
+
+@pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A client of the session Redis (flushed for this test)."""
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+def settler(redis: aioredis.Redis, redis_url: str, *, timeout_s: float = 5.0) -> SettleScript:
+    """meterd's settle-script runner for the Redis at `redis_url`."""
+    return SettleScript(
+        source=settle_script(), redis_url=redis_url, redis=redis, timeout_s=timeout_s
+    )
+
+
+@pytest.fixture
+async def script(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[SettleScript]:
+    """The settle script on the session Redis, as meterd runs it."""
+    built = settler(redis, redis_url)
+    yield built
+    await built.aclose()
 
 
 async def create_key(

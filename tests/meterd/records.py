@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg  # type: ignore[import-untyped]
 
 from meterd.parse import Event, parse_line
 from meterd.settle import Batch, Record, Store
+from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
 from meterd.usage import Calibration, measure
 from policyd.records import KeyRecord
@@ -29,9 +29,9 @@ def position(offset: int) -> Checkpoint:
     )
 
 
-def store(engine: AsyncEngine, redis: aioredis.Redis, *, node: str = "node-a") -> Store:
+def store(pool: asyncpg.Pool, script: SettleScript, *, node: str = "node-a") -> Store:
     return Store(
-        engine, redis, node=node, log_path=LOG, prompt_retention_days=30, max_prompt_bytes=64
+        pool, script, node=node, log_path=LOG, prompt_retention_days=30, max_prompt_bytes=64
     )
 
 

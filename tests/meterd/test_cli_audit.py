@@ -8,11 +8,13 @@ import json
 import subprocess
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meterd.schema import prompt_log
+from meterd.settle_script import SettleScript
 from policyd.schema import tenants
 from tests.meterd.conftest import create_key
 from tests.meterd.records import batch, exact, position, record, store
@@ -49,7 +51,11 @@ async def _tenant_name(engine: AsyncEngine, tenant_id: str) -> str:
 
 
 async def test_audit_lists_filters_and_pages(
-    engine: AsyncEngine, redis: aioredis.Redis, database_url: str
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    database_url: str,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """`audit --json` lists rows newest first, filtered by tenant/key/status/model, paged."""
     one, two = await create_key(engine), await create_key(engine)
@@ -60,7 +66,7 @@ async def test_audit_lists_filters_and_pages(
         exact(two, 7, 1, ts=now - 10),
         record(one, admitted=False, status=429, refusal="tokens_per_minute_exceeded", ts=now),
     ]
-    await store(engine, redis).settle(batch(records), resume=position(0))
+    await store(pool, script).settle(batch(records), resume=position(0))
     rows = await _json(database_url, "audit")
     assert [r["request_id"] for r in rows] == [str(r.event.request_id) for r in records[::-1]]
     first = rows[-1]
@@ -94,7 +100,11 @@ async def test_audit_rejects_unknown_tenant_in_one_line(database_url: str) -> No
 
 
 async def test_usage_shows_settled_figures_per_day_and_month(
-    engine: AsyncEngine, redis: aioredis.Redis, database_url: str
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    database_url: str,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """`usage` sums the ledger per UTC day or month, per tenant and key."""
     key = await create_key(engine)
@@ -104,7 +114,7 @@ async def test_usage_shows_settled_figures_per_day_and_month(
         exact(key, 1, 1, ts=day + 86400),
         record(key, stream=True, size=5000, ts=day + 86400),
     ]
-    await store(engine, redis).settle(batch(records), resume=position(0))
+    await store(pool, script).settle(batch(records), resume=position(0))
     daily = (await _json(database_url, "usage", "--since", "2026-11-01"))["settled"]
     assert [(r["period"], r["requests"]) for r in daily] == [("2026-11-03", 1), ("2026-11-04", 2)]
     assert daily[0]["total_tokens"] == 15
@@ -114,7 +124,11 @@ async def test_usage_shows_settled_figures_per_day_and_month(
 
 
 async def test_prune_prompts_deletes_only_expired(
-    engine: AsyncEngine, redis: aioredis.Redis, database_url: str
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    database_url: str,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """`prune-prompts` removes prompts past their retention and reports how many."""
     key = await create_key(engine, prompt_logging=True, retention_days=1)
@@ -123,7 +137,7 @@ async def test_prune_prompts_deletes_only_expired(
         exact(key, 1, 1, prompt_log=True, req_body="old", ts=old.timestamp()),
         exact(key, 1, 1, prompt_log=True, req_body="fresh"),
     ]
-    await store(engine, redis).settle(batch(records), resume=position(0))
+    await store(pool, script).settle(batch(records), resume=position(0))
     assert await _json(database_url, "prune-prompts") == {"deleted": 1}
     async with engine.connect() as conn:
         assert (await conn.execute(sa.select(prompt_log.c.body))).scalars().all() == ["fresh"]

@@ -22,7 +22,7 @@ from tests.meterd.conftest import create_key, leases, limiter, spent
 from tests.meterd.lines import caddy_line, encode
 from tests.meterd.process import Meterd
 from tests.meterd.rolling import RollingWriter
-from tests.support.services import RedisServer, Service
+from tests.support.services import PostgresServer, RedisServer, Service
 
 
 @pytest.fixture
@@ -263,3 +263,45 @@ async def test_redis_outage_pauses_then_catches_up(
         await asyncio.sleep(0.2)
     assert meterd.terminate() == 0
     log.close()
+
+
+async def test_postgres_restart_pauses_then_settles_everything_once(
+    meterd: Meterd,
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    postgres: Service[PostgresServer],
+    tmp_path: Path,
+) -> None:
+    """Postgres stopped mid-run and restarted: meterd retries, then settles each line once."""
+    key = await create_key(engine)
+    ids = [str(uuid.uuid4()) for _ in range(60)]
+    admit = limiter(redis)
+    for n, request_id in enumerate(ids):
+        if n % 10 != 9:
+            assert (await admit.admit(key, request_id=request_id, reserve=50)).refusal is None
+    log = RollingWriter(tmp_path / "logs" / "access.log")
+    meterd.start()
+    for n in range(20):
+        log.line(_line(key, ids[n], n))
+    await _wait_rows(engine, 20)
+    postgres.stop()
+    try:
+        for n in range(20, 60):
+            log.line(_line(key, ids[n], n))
+        await asyncio.sleep(2.0)
+        assert "retrying" in meterd.log_path.read_text()
+    finally:
+        postgres.start()
+        await engine.dispose()  # its connections ended with the old server
+    await _wait_rows(engine, 60)
+    await _wait_started(meterd, 1)
+    assert meterd.terminate() == 0
+    log.close()
+    assert await _count(engine) == 60
+    admitted, used = await _audited_usage(engine)
+    assert admitted == 54
+    async with engine.connect() as conn:
+        ledger = (await conn.execute(sa.select(sa.func.sum(usage_ledger.c.requests)))).scalar()
+    assert ledger == admitted
+    assert await spent(redis, key) == used
+    assert await leases(redis, key) == 0

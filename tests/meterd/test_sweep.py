@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -18,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meterd.health import heartbeat_key, read_beat
 from meterd.schema import audit_log, usage_ledger
 from meterd.settings import load_settings
-from meterd.settle import audit_row
+from meterd.settle_script import SettleScript
 from meterd.sweep import MISSING_LINE, Sweeper, hold_off_s, parse_reservation
 from meterd.usage import Source
+from meterd.writes import insert_audit
 from policyd.contract import load_script, redis_reservation, tenant_base
 from policyd.limits import Limiter
 from policyd.records import KeyRecord
@@ -60,8 +62,10 @@ async def _admit(
     return request_id
 
 
-def _sweeper(engine: AsyncEngine, redis: aioredis.Redis, clock: _Clock, node: str) -> Sweeper:
-    return Sweeper(engine, redis, node=node, grace_s=_GRACE_S, scan_count=3, clock=clock)
+def _sweeper(
+    pool: asyncpg.Pool, redis: aioredis.Redis, script: SettleScript, clock: _Clock, node: str
+) -> Sweeper:
+    return Sweeper(pool, redis, script, node=node, grace_s=_GRACE_S, scan_count=3, clock=clock)
 
 
 async def _audit_rows(engine: AsyncEngine) -> list[sa.Row[tuple[object, ...]]]:
@@ -83,7 +87,10 @@ async def _reserved(redis: aioredis.Redis, key: KeyRecord, request_id: uuid.UUID
 
 
 async def test_overdue_reservation_is_swept_once(
-    engine: AsyncEngine, redis: aioredis.Redis
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """An expired reservation becomes a 'reserved' audit row and ledger entry; a fresh one stays."""
     key = await create_key(engine)
@@ -92,7 +99,7 @@ async def test_overdue_reservation_is_swept_once(
     admitted_at = int(now - _LEASE_S - _GRACE_S - 30)
     overdue = await _admit(redis, key, at=admitted_at + 0.4, reserve=900)
     budget = await spent(redis, key)
-    sweeper = _sweeper(engine, redis, _Clock(now), "node-a")
+    sweeper = _sweeper(pool, redis, script, _Clock(now), "node-a")
 
     assert await sweeper.sweep() == 1
 
@@ -116,18 +123,21 @@ async def test_overdue_reservation_is_swept_once(
 
 
 async def test_second_sweep_and_late_line_change_nothing(
-    engine: AsyncEngine, redis: aioredis.Redis
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """Sweeping again, or the line finally arriving, neither re-audits nor double-counts."""
     key = await create_key(engine)
     now = time.time()
     overdue = await _admit(redis, key, at=now - _LEASE_S - _GRACE_S - 60, reserve=500)
-    sweeper = _sweeper(engine, redis, _Clock(now), "node-a")
+    sweeper = _sweeper(pool, redis, script, _Clock(now), "node-a")
     assert await sweeper.sweep() == 1
     rows, ledger, budget = await _audit_rows(engine), await _ledger(engine), await spent(redis, key)
 
     assert await sweeper.sweep() == 0
-    late = store(engine, redis)
+    late = store(pool, script)
     outcome = await late.settle(
         batch([exact(key, 30, 40, request_id=str(overdue))]), resume=position(0)
     )
@@ -138,13 +148,15 @@ async def test_second_sweep_and_late_line_change_nothing(
     assert await spent(redis, key) == budget
 
 
-async def test_grace_follows_the_clock(engine: AsyncEngine, redis: aioredis.Redis) -> None:
+async def test_grace_follows_the_clock(
+    engine: AsyncEngine, redis: aioredis.Redis, pool: asyncpg.Pool, script: SettleScript
+) -> None:
     """A reservation is swept only once its lease expired more than the grace ago."""
     key = await create_key(engine)
     admitted = time.time() - 10
     request_id = await _admit(redis, key, at=admitted)
     clock = _Clock(admitted + _LEASE_S + _GRACE_S - 1)
-    sweeper = _sweeper(engine, redis, clock, "node-a")
+    sweeper = _sweeper(pool, redis, script, clock, "node-a")
 
     assert await sweeper.sweep() == 0
     assert await sweeper.sweep(hold_off=30) == 0
@@ -156,13 +168,16 @@ async def test_grace_follows_the_clock(engine: AsyncEngine, redis: aioredis.Redi
 
 
 async def test_nodes_sweeping_at_once_charge_once(
-    engine: AsyncEngine, redis: aioredis.Redis
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """Two nodes sweeping the same reservations together write each audit and ledger entry once."""
     key = await create_key(engine)
     now = time.time()
     ids = [await _admit(redis, key, at=now - 2000 + n, reserve=100) for n in range(8)]
-    a, b = (_sweeper(engine, redis, _Clock(now), node) for node in ("node-a", "node-b"))
+    a, b = (_sweeper(pool, redis, script, _Clock(now), node) for node in ("node-a", "node-b"))
 
     counts = await asyncio.gather(a.sweep(), b.sweep())
 
@@ -175,7 +190,10 @@ async def test_nodes_sweeping_at_once_charge_once(
 
 
 async def test_audited_but_unsettled_request_is_settled_as_audited(
-    engine: AsyncEngine, redis: aioredis.Redis
+    engine: AsyncEngine,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    script: SettleScript,
 ) -> None:
     """A request audited before a crash (reservation still in Redis) is settled with its usage."""
     key = await create_key(engine)
@@ -183,10 +201,10 @@ async def test_audited_but_unsettled_request_is_settled_as_audited(
     request_id = await _admit(redis, key, at=now - 2000, reserve=1000)
     before = await spent(redis, key)
     record = exact(key, 30, 40, request_id=str(request_id))
-    async with engine.begin() as conn:  # the commit happened, Redis did not
-        await conn.execute(sa.insert(audit_log), [audit_row(record, "node-a")])
+    async with pool.acquire() as conn:  # the commit happened, Redis did not
+        await insert_audit(conn, [record], node="node-a")
 
-    assert await _sweeper(engine, redis, _Clock(now), "node-b").sweep() == 0
+    assert await _sweeper(pool, redis, script, _Clock(now), "node-b").sweep() == 0
 
     (row,) = await _audit_rows(engine)
     assert (row.usage_source, row.node) == ("exact", "node-a")
