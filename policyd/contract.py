@@ -139,12 +139,16 @@ def tenant_base(tenant_id: str) -> str:
 
 def calendar_day(at: dt.datetime) -> str:
     """Budget day of a moment (UTC calendar), e.g. `20261126`."""
-    return at.astimezone(dt.UTC).strftime("%Y%m%d")
+    # Not strftime: it reads /etc/localtime on every call when TZ is unset (meterd calls
+    # this per log line).
+    day = at.astimezone(dt.UTC)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
 def calendar_month(at: dt.datetime) -> str:
     """Budget month of a moment (UTC calendar), e.g. `202611`."""
-    return at.astimezone(dt.UTC).strftime("%Y%m")
+    month = at.astimezone(dt.UTC)
+    return f"{month.year:04d}{month.month:02d}"
 
 
 def _lua(name: str) -> str:
