@@ -33,14 +33,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from policyd.resp import encode_command, supports
+from policyd.resp import IncompleteReply, encode_command, parse_reply, supports
 
 __all__ = ["Call", "SettleScript"]
 
 #: KEYS and ARGV of one script call, as `policyd.contract.settle_call` returns them.
 Call = tuple[Sequence[str], Sequence[str | int]]
 
-_CRLF: Final = b"\r\n"
 _READ_BYTES: Final = 256 * 1024
 # Error replies by their first word, as redis-py classifies them (the daemon retries
 # its connection errors, such as a refused password, like an outage).
@@ -51,10 +50,6 @@ _ERRORS: Final[dict[str, type[RedisError]]] = {
     "NOAUTH": AuthenticationError,
     "WRONGPASS": AuthenticationError,
 }
-
-
-class _Incomplete(Exception):
-    """The buffer ends inside a reply."""
 
 
 def _evalsha(head: str, keys: Sequence[str], args: Sequence[str | int]) -> str:
@@ -72,39 +67,6 @@ def _evalsha(head: str, keys: Sequence[str], args: Sequence[str | int]) -> str:
 
 def _error(message: str) -> RedisError:
     return _ERRORS.get(message.partition(" ")[0], ResponseError)(message)
-
-
-def _reply(buf: bytes, pos: int) -> tuple[Any, int]:
-    """One RESP2 reply at `pos`: (value, position after it). Error replies become exceptions."""
-    end = buf.find(_CRLF, pos)
-    if end < 0:
-        raise _Incomplete
-    kind = buf[pos]
-    if kind == 0x3A:  # ':' integer
-        return int(buf[pos + 1 : end]), end + 2
-    if kind == 0x2A:  # '*' array
-        count = int(buf[pos + 1 : end])
-        pos = end + 2
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            item, pos = _reply(buf, pos)
-            items.append(item)
-        return items, pos
-    if kind == 0x24:  # '$' bulk string
-        size = int(buf[pos + 1 : end])
-        if size < 0:
-            return None, end + 2
-        stop = end + 2 + size
-        if len(buf) < stop + 2:
-            raise _Incomplete
-        return buf[end + 2 : stop], stop + 2
-    if kind == 0x2B:  # '+' simple string
-        return buf[pos + 1 : end], end + 2
-    if kind == 0x2D:  # '-' error
-        return _error(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
-    raise RedisConnectionError(f"unexpected RESP type byte {kind!r}")
 
 
 class _Connection:
@@ -157,9 +119,9 @@ class _Connection:
             pos = 0
             try:
                 while len(found) < replies:
-                    value, pos = _reply(buf, pos)
+                    value, pos = parse_reply(buf, pos, _error)
                     found.append(value)
-            except _Incomplete:
+            except IncompleteReply:
                 pass
         if pos != len(buf):
             raise RedisConnectionError("redis sent more replies than commands")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -25,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["RespClient", "encode_command", "supports"]
+__all__ = ["IncompleteReply", "RespClient", "encode_command", "parse_reply", "supports"]
 
 _CRLF: Final = b"\r\n"
 _SCHEMES: Final = frozenset({"redis", "unix"})
@@ -87,7 +88,7 @@ def supports(url: str) -> bool:
     return _address(url) is not None
 
 
-class _Incomplete(Exception):
+class IncompleteReply(Exception):
     """The buffer ends inside a reply; wait for more bytes."""
 
 
@@ -103,11 +104,18 @@ class _ErrorReply:
         return ResponseError(self.message)
 
 
-def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
-    """One reply starting at `pos`: (value, position after it); raises _Incomplete."""
+def parse_reply(
+    buf: bytes | bytearray, pos: int, error: Callable[[str], Any] = _ErrorReply
+) -> tuple[Any, int]:
+    """One RESP2 reply starting at `pos`: (value, position after it).
+
+    Raises IncompleteReply when `buf` ends inside it. An error reply becomes
+    `error(message)`, so each caller decides how errors travel (meterd's batch client
+    maps them to redis-py's exception classes).
+    """
     end = buf.find(_CRLF, pos)
     if end < 0:
-        raise _Incomplete
+        raise IncompleteReply
     kind = buf[pos]
     if kind == 0x3A:  # ':' integer
         return int(buf[pos + 1 : end]), end + 2
@@ -117,7 +125,7 @@ def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
             return None, end + 2
         stop = end + 2 + size
         if len(buf) < stop + 2:
-            raise _Incomplete
+            raise IncompleteReply
         return bytes(buf[end + 2 : stop]), stop + 2
     if kind == 0x2A:  # '*' array
         count = int(buf[pos + 1 : end])
@@ -126,13 +134,13 @@ def _parse(buf: bytearray, pos: int) -> tuple[Any, int]:
         items = []
         pos = end + 2
         for _ in range(count):
-            item, pos = _parse(buf, pos)
+            item, pos = parse_reply(buf, pos, error)
             items.append(item)
         return items, pos
     if kind == 0x2B:  # '+' simple string
         return bytes(buf[pos + 1 : end]), end + 2
     if kind == 0x2D:  # '-' error
-        return _ErrorReply(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
+        return error(bytes(buf[pos + 1 : end]).decode("utf-8", "replace")), end + 2
     raise RedisConnectionError(f"unexpected RESP type byte {kind!r}")
 
 
@@ -169,7 +177,7 @@ class _Protocol(asyncio.Protocol):
         pos = 0
         try:
             while pos < len(buf):
-                value, pos_after = _parse(buf, pos)
+                value, pos_after = parse_reply(buf, pos)
                 pos = pos_after
                 if not self._waiting:
                     raise RedisConnectionError("reply without a request")
@@ -180,7 +188,7 @@ class _Protocol(asyncio.Protocol):
                     future.set_exception(value.exception())
                 else:
                     future.set_result(value)
-        except _Incomplete:
+        except IncompleteReply:
             pass
         except (RedisError, ValueError) as exc:
             self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
