@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 import attrs
 import redis.asyncio as aioredis
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from policyd import admin, limits_admin
 from tests.bench.bare import bare_caddyfile
@@ -233,10 +234,20 @@ class BenchRig:
         self.stop()
 
 
-async def _create_keys(database_url: str, redis_url: str, *, names: list[str]) -> list[str]:
-    engine = create_async_engine(database_url)
-    redis = aioredis.Redis.from_url(redis_url)
+@contextlib.asynccontextmanager
+async def _stores(rig: BenchRig) -> AsyncIterator[tuple[AsyncEngine, aioredis.Redis]]:
+    """The stack's Postgres and Redis, for the CLI's own admin code."""
+    engine = create_async_engine(rig.stack.database_url)
+    redis = aioredis.Redis.from_url(rig.stack.redis_url)
     try:
+        yield engine, redis
+    finally:
+        await redis.aclose()
+        await engine.dispose()
+
+
+async def _create_keys(rig: BenchRig, *, names: list[str]) -> list[str]:
+    async with _stores(rig) as (engine, redis):
         with contextlib.suppress(admin.AdminError):
             await admin.create_tenant(engine, name=_TENANT)
         keys = []
@@ -246,9 +257,6 @@ async def _create_keys(database_url: str, redis_url: str, *, names: list[str]) -
             )
             keys.append(created.key)
         return keys
-    finally:
-        await redis.aclose()
-        await engine.dispose()
 
 
 #: Every limit set, none ever reached in a run (policyd alone leaves every lease and
@@ -264,10 +272,8 @@ _NEVER_REACHED: Final = {
 }
 
 
-async def _create_limited_key(database_url: str, redis_url: str) -> str:
-    engine = create_async_engine(database_url)
-    redis = aioredis.Redis.from_url(redis_url)
-    try:
+async def _create_limited_key(rig: BenchRig) -> str:
+    async with _stores(rig) as (engine, redis):
         await admin.create_tenant(engine, name=_LIMITED_TENANT)
         target = await limits_admin.resolve_target(engine, tenant=_LIMITED_TENANT, key=None)
         await limits_admin.set_limits(engine, redis, target, _NEVER_REACHED)
@@ -275,16 +281,13 @@ async def _create_limited_key(database_url: str, redis_url: str) -> str:
             engine, redis, tenant=_LIMITED_TENANT, name="limited", expires_at=None
         )
         return created.key
-    finally:
-        await redis.aclose()
-        await engine.dispose()
 
 
 def make_limited_key(rig: BenchRig) -> str:
     """A key whose tenant has every limit set (admission keeps all windows and leases)."""
-    return asyncio.run(_create_limited_key(rig.stack.database_url, rig.stack.redis_url))
+    return asyncio.run(_create_limited_key(rig))
 
 
 def make_keys(rig: BenchRig, *, names: list[str]) -> list[str]:
     """Fresh keys of the unlimited tenant `bench`, made with the CLI's own code."""
-    return asyncio.run(_create_keys(rig.stack.database_url, rig.stack.redis_url, names=names))
+    return asyncio.run(_create_keys(rig, names=names))
