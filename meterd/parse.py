@@ -7,10 +7,11 @@ never makes a Postgres transaction fail (which would stall settlement for good).
 lose NUL characters and lone surrogates, which Postgres cannot store.
 
 Field names are the contract with `caddy/gateway.caddy`: Caddy's own (`uuid`, `ts`,
-`request`, `status`, `size`, `bytes_read`, `duration`, `resp_headers`), the `nz_*`
-fields of `policyd.contract.LOG_FIELDS`, `resp_body` (captured responses), and the
-optional `req_body` (prompt logging), `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`)
-and `nz_stream_usage` (an OpenAI stream that asked for `include_usage`).
+`request`, `status`, `size`, `bytes_read`, `duration`, `resp_headers`), policyd's grant
+(`nz_grant`, `policyd.contract.Grant`), `resp_body` (captured responses), and the
+optional `req_body` (prompt logging) and `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`).
+Lines written before the grant carry one `nz_*` field per value instead
+(`contract.LEGACY_LOG_FIELDS`); they are read the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from typing import Any, Final
 import attrs
 import msgspec
 
-from policyd.contract import H_REFUSAL, Surface
+from policyd.contract import (
+    H_REFUSAL,
+    LEGACY_LOG_FIELDS,
+    LEGACY_PROMPT_LOG_FIELD,
+    LOG_GRANT,
+    Surface,
+    parse_grant,
+)
 
 __all__ = ["PROBE_PATHS", "BadLine", "Event", "parse_line"]
 
@@ -197,6 +205,21 @@ def _flag(value: object) -> bool | None:
     return {"1": True, "0": False}.get(value) if isinstance(value, str) else None
 
 
+def _grant(data: dict[str, Any]) -> dict[str, str]:
+    """policyd's grant as name -> value (unchecked), from `nz_grant` or the legacy fields."""
+    value = data.get(LOG_GRANT)
+    if isinstance(value, str) and value:
+        return parse_grant(value)
+    legacy = {
+        name: item
+        for field, name in LEGACY_LOG_FIELDS.items()
+        if isinstance(item := data.get(field), str)
+    }
+    if data.get(LEGACY_PROMPT_LOG_FIELD) == "1":
+        legacy["log"] = "-p"
+    return legacy
+
+
 def _ttfb(value: object) -> int | None:
     # Caddy logs `{…latency_ms}` as a float; a string form is accepted too.
     if isinstance(value, str):
@@ -291,6 +314,7 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
     resp_headers = data.get("resp_headers")
     body = data.get("resp_body")
     prompt = data.get("req_body")
+    grant = _grant(data)
     return Event(
         request_id=request_id,
         started=dt.datetime.fromtimestamp(ended - duration, dt.UTC),
@@ -307,15 +331,16 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
             _MAX_USER_AGENT,
         ),
         refusal=_match(_REFUSAL, _first_header(resp_headers, H_REFUSAL)),
-        key_id=_id(data.get("nz_key_id")),
-        key_prefix=_match(_PREFIX, data.get("nz_key_prefix")),
-        tenant_id=_id(data.get("nz_tenant_id")),
-        surface=data.get("nz_surface") if data.get("nz_surface") in _SURFACES else None,
-        model=clean_text(data.get("nz_model"), _MAX_MODEL),
-        stream=_flag(data.get("nz_stream")),
-        prompt_log=_flag(data.get("nz_prompt_log")) is True,
-        stream_usage=_flag(data.get("nz_stream_usage")) is True,
-        reserved=int(r) if (r := _match(_RESERVED, data.get("nz_reserved"))) else None,
+        key_id=_id(grant.get("key")),
+        key_prefix=_match(_PREFIX, grant.get("prefix")),
+        tenant_id=_id(grant.get("tenant")),
+        surface=grant.get("surface") if grant.get("surface") in _SURFACES else None,
+        model=clean_text(grant.get("model"), _MAX_MODEL),
+        stream=_flag(grant.get("stream")),
+        # The flags are "log=<c|-><p|->"; only the prompt flag matters here.
+        prompt_log=grant.get("log", "")[1:2] == "p",
+        stream_usage=_flag(grant.get("usage")) is True,
+        reserved=int(r) if (r := _match(_RESERVED, grant.get("reserved"))) else None,
         resp_body=body if isinstance(body, str) else None,
         req_body=prompt if isinstance(prompt, str) and prompt else None,
         truncated=truncated,

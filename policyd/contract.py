@@ -6,6 +6,7 @@ docs name the same headers and log fields. Change a name here and in `caddy/` to
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 from importlib import resources
@@ -15,27 +16,24 @@ __all__ = [
     "AUTHZ_PATH",
     "COPIED_HEADERS",
     "H_BODY",
-    "H_CAPTURE",
-    "H_KEY_ID",
-    "H_KEY_PREFIX",
-    "H_MODEL",
-    "H_PROMPT_LOG",
+    "H_GRANT",
+    "H_RATE_REQUESTS",
+    "H_RATE_TOKENS",
     "H_REFUSAL",
     "H_REQUEST_ID",
-    "H_RESERVED",
-    "H_STREAM",
-    "H_STREAM_USAGE",
-    "H_SURFACE",
-    "H_TENANT_ID",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
-    "LOG_FIELDS",
+    "LEGACY_LOG_FIELDS",
+    "LEGACY_PROMPT_LOG_FIELD",
+    "LOG_GRANT",
     "RATE_LIMIT_HEADERS",
+    "Grant",
     "Surface",
     "admit_script",
     "calendar_day",
     "calendar_month",
     "load_script",
+    "parse_grant",
     "redis_key_record",
     "redis_reservation",
     "settle_call",
@@ -52,58 +50,98 @@ H_BODY: Final = "X-Nz-Body"
 #: Caddy's `{http.request.uuid}`: one id for policyd, Ollama and the access log.
 H_REQUEST_ID: Final = "X-Request-Id"
 
-# Headers policyd answers with on 2xx; Caddy copies them onto the proxied request
-# (deleting any client-sent copies first) and logs them with `log_append`.
-H_KEY_ID: Final = "X-Nz-Key-Id"
-H_KEY_PREFIX: Final = "X-Nz-Key-Prefix"
-H_TENANT_ID: Final = "X-Nz-Tenant-Id"
-H_SURFACE: Final = "X-Nz-Surface"
-H_MODEL: Final = "X-Nz-Model"
-H_STREAM: Final = "X-Nz-Stream"
-#: "1" when Caddy should capture the (non-streamed) response body into the log.
-H_CAPTURE: Final = "X-Nz-Capture"
-#: "1" when the key opted into prompt logging.
-H_PROMPT_LOG: Final = "X-Nz-Prompt-Log"
-#: Tokens reserved at admission (estimated prompt + max output).
-H_RESERVED: Final = "X-Nz-Reserved"
-#: "1" when an OpenAI stream asked for `stream_options.include_usage` (longer events).
-H_STREAM_USAGE: Final = "X-Nz-Stream-Usage"
 #: On refusals only: a short machine-readable reason code (sent to the client too).
 H_REFUSAL: Final = "X-Nz-Refusal"
 
-COPIED_HEADERS: Final = (
-    H_KEY_ID,
-    H_KEY_PREFIX,
-    H_TENANT_ID,
-    H_SURFACE,
-    H_MODEL,
-    H_STREAM,
-    H_CAPTURE,
-    H_PROMPT_LOG,
-    H_RESERVED,
-    H_STREAM_USAGE,
-)
+# What policyd answers on 2xx. Caddy deletes any client-sent copy, then copies these
+# onto the proxied request. Each copied name costs Caddy two routes per request, so the
+# verdict travels as one value (`Grant`) and the rate-limit figures as one per unit.
+#: The verdict for Caddy's matchers and meterd's log field, see `Grant.encode`.
+H_GRANT: Final = "X-Nz-Grant"
+#: "<limit> <remaining> <reset seconds>" of the request limit, only when one applies.
+H_RATE_REQUESTS: Final = "X-Nz-Rate-Requests"
+#: The same for the token limit.
+H_RATE_TOKENS: Final = "X-Nz-Rate-Tokens"
 
-#: OpenAI-style rate-limit headers: policyd answers them, Caddy copies them onto the
-#: request and sets them on the client's response (streams included).
+COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS)
+
+#: OpenAI-style rate-limit headers Caddy sets on the client's response (streams
+#: included) from `H_RATE_REQUESTS` and `H_RATE_TOKENS`.
 RATE_LIMIT_HEADERS: Final = tuple(
     f"X-Ratelimit-{kind}-{unit}"
     for unit in ("Requests", "Tokens")
     for kind in ("Limit", "Remaining", "Reset")
 )
 
-#: Top-level access-log fields added by `log_append` (field name -> copied header).
-LOG_FIELDS: Final = {
-    "nz_key_id": H_KEY_ID,
-    "nz_key_prefix": H_KEY_PREFIX,
-    "nz_tenant_id": H_TENANT_ID,
-    "nz_surface": H_SURFACE,
-    "nz_model": H_MODEL,
-    "nz_stream": H_STREAM,
-    "nz_prompt_log": H_PROMPT_LOG,
-    "nz_reserved": H_RESERVED,
-    "nz_stream_usage": H_STREAM_USAGE,
+#: The top-level access-log field `log_append` fills with the grant after forward_auth.
+LOG_GRANT: Final = "nz_grant"
+#: One field per value, as Caddyfiles before the grant logged them (meterd still reads
+#: them, so lines written before an upgrade settle): field -> grant name.
+LEGACY_LOG_FIELDS: Final = {
+    "nz_key_id": "key",
+    "nz_key_prefix": "prefix",
+    "nz_tenant_id": "tenant",
+    "nz_surface": "surface",
+    "nz_model": "model",
+    "nz_stream": "stream",
+    "nz_stream_usage": "usage",
+    "nz_reserved": "reserved",
 }
+#: The legacy field carrying the prompt-logging flag ("1"), folded into `log` now.
+LEGACY_PROMPT_LOG_FIELD: Final = "nz_prompt_log"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Grant:
+    """An admitted request as Caddy and meterd see it: the value of `H_GRANT`."""
+
+    key_id: str
+    key_prefix: str
+    tenant_id: str
+    surface: str
+    stream: bool
+    #: Caddy logs the response body (non-streamed replies that carry usage).
+    capture: bool = False
+    #: Caddy logs the request body (the key opted into prompt logging).
+    prompt_log: bool = False
+    #: An OpenAI stream asked for `stream_options.include_usage`.
+    stream_usage: bool = False
+    #: Tokens reserved at admission (estimated prompt + maximum output).
+    reserved: int | None = None
+    model: str | None = None
+
+    def encode(self) -> str:
+        """`log=<c|-><p|-> key=… prefix=… tenant=… surface=… stream=0|1 usage=0|1 …`.
+
+        Space-separated name=value pairs. `log` comes first, so Caddy's header matchers
+        test the flags by prefix (`log=c*`) where no other value can reach; `model`,
+        the only value a client chooses (printable ASCII, no spaces), comes last.
+        """
+        parts = [
+            f"log={'c' if self.capture else '-'}{'p' if self.prompt_log else '-'}",
+            f"key={self.key_id}",
+            f"prefix={self.key_prefix}",
+            f"tenant={self.tenant_id}",
+            f"surface={self.surface}",
+            f"stream={int(self.stream)}",
+            f"usage={int(self.stream_usage)}",
+        ]
+        if self.reserved is not None:
+            parts.append(f"reserved={self.reserved}")
+        if self.model is not None:
+            parts.append(f"model={self.model}")
+        return " ".join(parts)
+
+
+def parse_grant(value: str) -> dict[str, str]:
+    """The name=value pairs of an encoded grant, unchecked (the first of a name counts)."""
+    fields: dict[str, str] = {}
+    for token in value.split(" "):
+        name, sep, item = token.partition("=")
+        if sep and name not in fields:
+            fields[name] = item
+    return fields
+
 
 #: Keys look like `nz_<8 lowercase base32 chars>_<43 base62 chars>`.
 KEY_SCHEME: Final = "nz_"

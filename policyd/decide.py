@@ -15,19 +15,7 @@ from typing import Final
 import attrs
 
 from policyd.body import BodyError, BodyFacts, CloudModelError, is_cloud_model, read_body
-from policyd.contract import (
-    H_CAPTURE,
-    H_KEY_ID,
-    H_KEY_PREFIX,
-    H_MODEL,
-    H_PROMPT_LOG,
-    H_RESERVED,
-    H_STREAM,
-    H_STREAM_USAGE,
-    H_SURFACE,
-    H_TENANT_ID,
-    Surface,
-)
+from policyd.contract import H_GRANT, Grant, Surface
 from policyd.paths import Endpoint, EndpointKind, PathRefusal, classify_target, surface_of
 from policyd.records import KeyRecord
 from policyd.refusals import Reason, Refusal
@@ -202,30 +190,35 @@ def check_key_policy(screened: Screened, record: KeyRecord) -> Refusal | None:
 
 
 def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[tuple[str, str]]:
-    """Headers Caddy copies onto the upstream request and into the access log."""
+    """The headers Caddy copies onto the upstream request: the grant (see `contract.Grant`)."""
     assert screened.endpoint is not None
     facts = screened.facts
     endpoint = screened.endpoint
-    headers = [
-        (H_KEY_ID, record.key_id),
-        (H_KEY_PREFIX, record.prefix),
-        (H_TENANT_ID, record.tenant_id),
-        (H_SURFACE, screened.surface.value),
-    ]
     if facts is None:
-        headers.append((H_STREAM, "0"))
-        if endpoint.path_model is not None and _MODEL_NAME.fullmatch(endpoint.path_model):
-            headers.append((H_MODEL, endpoint.path_model))
-        return headers
-    if facts.model is not None:
-        headers.append((H_MODEL, facts.model))
-    headers.append((H_STREAM, "1" if facts.stream else "0"))
-    if facts.stream and facts.include_usage:
-        headers.append((H_STREAM_USAGE, "1"))
+        path_model = endpoint.path_model
+        grant = Grant(
+            key_id=record.key_id,
+            key_prefix=record.prefix,
+            tenant_id=record.tenant_id,
+            surface=screened.surface.value,
+            stream=False,
+            model=path_model
+            if path_model is not None and _MODEL_NAME.fullmatch(path_model)
+            else None,
+        )
+        return [(H_GRANT, grant.encode())]
     produces_usage = endpoint.kind in (EndpointKind.GENERATE, EndpointKind.EMBED)
-    # Only a non-streamed body can be captured without buffering a stream.
-    headers.append((H_CAPTURE, "1" if produces_usage and not facts.stream else "0"))
-    if produces_usage:
-        headers.append((H_RESERVED, str(reserved)))
-        headers.append((H_PROMPT_LOG, "1" if record.prompt_logging else "0"))
-    return headers
+    grant = Grant(
+        key_id=record.key_id,
+        key_prefix=record.prefix,
+        tenant_id=record.tenant_id,
+        surface=screened.surface.value,
+        stream=facts.stream,
+        # Only a non-streamed body can be captured without buffering a stream.
+        capture=produces_usage and not facts.stream,
+        prompt_log=produces_usage and record.prompt_logging,
+        stream_usage=facts.stream and facts.include_usage,
+        reserved=reserved if produces_usage else None,
+        model=facts.model,
+    )
+    return [(H_GRANT, grant.encode())]

@@ -18,7 +18,14 @@ import attrs
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from policyd.contract import admit_script, calendar_day, calendar_month, tenant_base
+from policyd.contract import (
+    H_RATE_REQUESTS,
+    H_RATE_TOKENS,
+    admit_script,
+    calendar_day,
+    calendar_month,
+    tenant_base,
+)
 from policyd.keystore import StoreUnavailable
 from policyd.records import KeyRecord
 from policyd.refusals import Reason, Refusal
@@ -127,20 +134,14 @@ class Admission:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def _rate_headers(figures: list[int], *, refused: str | None = None) -> tuple[tuple[str, str], ...]:
-    """OpenAI-style `x-ratelimit-*` headers from the script's figures (-1 = no limit)."""
+def _rate_headers(figures: list[int]) -> tuple[tuple[str, str], ...]:
+    """`H_RATE_*` headers from the script's figures (-1 = no limit): Caddy turns each into
+    OpenAI's three `x-ratelimit-*-<unit>` headers on the client's response."""
     headers: list[tuple[str, str]] = []
-    for offset, unit in ((0, "requests"), (3, "tokens")):
+    for offset, name in ((0, H_RATE_REQUESTS), (3, H_RATE_TOKENS)):
         limit, remaining, reset = figures[offset : offset + 3]
-        if limit < 0:
-            continue
-        if refused == unit:
-            remaining = 0
-        headers += [
-            (f"x-ratelimit-limit-{unit}", str(limit)),
-            (f"x-ratelimit-remaining-{unit}", str(max(0, remaining))),
-            (f"x-ratelimit-reset-{unit}", f"{max(0, reset)}s"),
-        ]
+        if limit >= 0:
+            headers.append((name, f"{limit} {max(0, remaining)} {max(0, reset)}"))
     return tuple(headers)
 
 

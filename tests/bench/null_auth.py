@@ -13,17 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
-from policyd.contract import (
-    H_CAPTURE,
-    H_KEY_ID,
-    H_KEY_PREFIX,
-    H_MODEL,
-    H_PROMPT_LOG,
-    H_RESERVED,
-    H_STREAM,
-    H_SURFACE,
-    H_TENANT_ID,
-)
+from policyd.contract import H_GRANT, Grant
 
 __all__ = ["create_app"]
 
@@ -33,20 +23,20 @@ _App = Callable[
     Awaitable[None],
 ]
 
+_GRANT: Final = Grant(
+    key_id="00000000-0000-4000-8000-000000000001",
+    key_prefix="nz_nullauth",
+    tenant_id="00000000-0000-4000-8000-000000000002",
+    surface="ollama",
+    stream=False,
+    capture=True,
+    reserved=15,
+    model="llama3.2",
+)
 _VERDICT: Final = [
-    (name.lower().encode(), value.encode())
-    for name, value in (
-        (H_KEY_ID, "00000000-0000-4000-8000-000000000001"),
-        (H_KEY_PREFIX, "nz_nullauth"),
-        (H_TENANT_ID, "00000000-0000-4000-8000-000000000002"),
-        (H_SURFACE, "ollama"),
-        (H_MODEL, "llama3.2"),
-        (H_STREAM, "0"),
-        (H_CAPTURE, "1"),
-        (H_RESERVED, "15"),
-        (H_PROMPT_LOG, "0"),
-    )
-] + [(b"content-length", b"0")]
+    (H_GRANT.lower().encode(), _GRANT.encode().encode()),
+    (b"content-length", b"0"),
+]
 
 
 async def _allow_everything(

@@ -155,17 +155,21 @@ class _AuthHandler(_RecordingHandler):
         if seen.header("Authorization") != f"Bearer {GOOD_KEY}":
             return 401, [json_type, ("WWW-Authenticate", "Bearer")], b'{"error":"unauthorized"}'
         uri = seen.header("X-Forwarded-Uri") or ""
-        capture = "1" if "capture" in uri else "0"
-        return (
-            200,
-            [
-                (contract.H_KEY_ID, KEY_ID),
-                (contract.H_TENANT_ID, TENANT_ID),
-                (contract.H_STREAM, "0" if capture == "1" else "1"),
-                (contract.H_CAPTURE, capture),
-            ],
-            b"",
-        )
+        capture = "capture" in uri
+        return 200, [(contract.H_GRANT, grant(capture=capture).encode())], b""
+
+
+def grant(*, capture: bool) -> contract.Grant:
+    """The grant the fake policyd answers with: captured replies are not streamed."""
+    return contract.Grant(
+        key_id=KEY_ID,
+        key_prefix="nz_fakekey0",
+        tenant_id=TENANT_ID,
+        surface="ollama",
+        stream=not capture,
+        capture=capture,
+        model="m",
+    )
 
 
 def upstream_reply(target: str) -> bytes:

@@ -144,7 +144,7 @@ def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: Json
         if handler["handler"] == "headers"
         for name in handler["request"].get("set", {})
     ]
-    assert sorted(copied) == sorted(contract.COPIED_HEADERS + contract.RATE_LIMIT_HEADERS)
+    assert sorted(copied) == sorted(contract.COPIED_HEADERS)
 
 
 def test_ollama_proxy_streams_and_strips_headers(config: JsonObject) -> None:
@@ -160,7 +160,7 @@ def test_ollama_proxy_streams_and_strips_headers(config: JsonObject) -> None:
 
 
 def test_log_append_fields_match_contract(config: JsonObject) -> None:
-    """After forward_auth, log_append adds every contract.LOG_FIELDS entry; bodies when flagged."""
+    """After forward_auth, log_append adds the grant (contract.LOG_GRANT); bodies when flagged."""
     walked = gateway_handlers(config)
     auth = next(i for i, (h, _) in enumerate(walked) if is_forward_auth(h))
     appended = {
@@ -168,18 +168,17 @@ def test_log_append_fields_match_contract(config: JsonObject) -> None:
         for i, (h, m) in enumerate(walked)
         if h["handler"] == "log_append"
     }
-    expected = {
-        field: f"{{http.request.header.{header}}}" for field, header in contract.LOG_FIELDS.items()
-    }
+    expected = {contract.LOG_GRANT: f"{{http.request.header.{contract.H_GRANT}}}"}
     bodies = {"resp_body", "req_body", "user_agent", "ttfb_ms"}
     assert {key: value for key, (value, _, _) in appended.items() if key not in bodies} == expected
     assert all(index > auth for _, _, index in appended.values())
     value, matchers, _ = appended["resp_body"]
     assert value == "{http.response.body}"
-    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_CAPTURE: ["1"]}}]
+    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_GRANT: ["log=c*"]}}]
     value, matchers, _ = appended["req_body"]
     assert value == "{http.request.body}"
-    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_PROMPT_LOG: ["1"]}}]
+    prompt_flags = ["log=cp*", "log=-p*"]
+    assert [m for m in matchers if "header" in m] == [{"header": {contract.H_GRANT: prompt_flags}}]
 
 
 def test_request_body_bounded_by_setting(env: dict[str, str]) -> None:

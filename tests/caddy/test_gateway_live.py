@@ -14,10 +14,9 @@ import pytest
 from policyd import contract
 from tests.caddy.fakes import (
     GOOD_KEY,
-    KEY_ID,
     STREAM_GAP_S,
     STREAM_LINES,
-    TENANT_ID,
+    grant,
     stream_lines,
     upstream_reply,
 )
@@ -62,9 +61,8 @@ MUTATION_TARGETS = [
 
 #: Spoofed headers a client may send; none may reach Ollama as sent.
 SPOOFED = (
-    (contract.H_KEY_ID, "spoofed"),
-    (contract.H_TENANT_ID, "spoofed"),
-    (contract.H_CAPTURE, "1"),
+    (contract.H_GRANT, "log=cp key=spoofed"),
+    (contract.H_RATE_REQUESTS, "1 1 1"),
     (contract.H_BODY, "c3Bvb2Y="),
     ("X-Nz-Unknown", "spoofed"),
     ("Origin", "http://evil.example"),
@@ -128,9 +126,8 @@ def test_allowed_request_reaches_upstream_without_client_secrets(gateway: Gatewa
     assert upstream.body == body
     assert not upstream.names() & STRIPPED_UPSTREAM
     assert upstream.header("Host") == f"127.0.0.1:{gateway.upstream.port}"
-    assert upstream.header(contract.H_KEY_ID) == KEY_ID
-    assert upstream.header(contract.H_TENANT_ID) == TENANT_ID
-    assert upstream.header(contract.H_CAPTURE) == "0"
+    assert upstream.header(contract.H_GRANT) == grant(capture=False).encode()
+    assert upstream.header(contract.H_RATE_REQUESTS) is None
     assert upstream.header("X-Api-Key") == "client-api-key-value"
 
 
@@ -170,17 +167,14 @@ def test_one_request_id_in_auth_upstream_response_and_log(gateway: Gateway) -> N
 
 
 def test_log_line_carries_nz_fields_and_no_secrets(gateway: Gateway) -> None:
-    """The access-log line has every nz_* field from policyd and no client header at all."""
+    """The access-log line has policyd's grant and no client header at all."""
     response = httpx.post(
         f"{gateway.base_url}/api/generate",
         content=b'{"model":"m"}',
         headers=[GOOD_AUTH, *SPOOFED],
     )
     entry, line = gateway.log_entry(response.headers["X-Request-Id"])
-    assert set(contract.LOG_FIELDS) <= entry.keys()
-    assert entry["nz_key_id"] == KEY_ID
-    assert entry["nz_tenant_id"] == TENANT_ID
-    assert entry["nz_stream"] == "1"
+    assert entry[contract.LOG_GRANT] == grant(capture=False).encode()
     assert "resp_body" not in entry
     assert entry["status"] == 200
     assert "headers" not in entry["request"]
@@ -189,12 +183,12 @@ def test_log_line_carries_nz_fields_and_no_secrets(gateway: Gateway) -> None:
 
 
 def test_capture_flag_from_policyd_logs_response_body(gateway: Gateway) -> None:
-    """When policyd answers X-Nz-Capture: 1 the log holds the whole response body as resp_body."""
+    """When policyd's grant says capture, the log holds the whole response body as resp_body."""
     response = httpx.post(f"{gateway.base_url}/api/capture", content=b"{}", headers=[GOOD_AUTH])
     assert response.status_code == 200
     entry, _ = gateway.log_entry(response.headers["X-Request-Id"])
     assert entry["resp_body"] == upstream_reply("/api/capture").decode()
-    assert entry["nz_stream"] == "0"
+    assert entry[contract.LOG_GRANT] == grant(capture=True).encode()
 
 
 def test_refusal_from_policyd_reaches_client_verbatim(gateway: Gateway) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from policyd import contract
-from tests.caddy.fakes import GOOD_KEY, KEY_ID, FakeAuth, FakeUpstream, SeenRequest
+from tests.caddy.fakes import GOOD_KEY, FakeAuth, FakeUpstream, SeenRequest, grant
 from tests.caddy.runner import free_port, run_caddy
 
 EXPERIMENT = """\
@@ -26,7 +26,7 @@ http://127.0.0.1:{port} {{
 		{before_auth}
 		forward_auth unix/{socket} {{
 			uri /authz
-			copy_headers X-Nz-Key-Id
+			copy_headers X-Nz-Grant
 		}}
 		reverse_proxy 127.0.0.1:{upstream} {{
 			{header_up}
@@ -61,7 +61,7 @@ def _one_request(
                 headers={
                     "Authorization": f"Bearer {GOOD_KEY}",
                     "X-Nz-Unknown": "spoofed",
-                    "x-nz-key-id": "spoofed",
+                    "x-nz-grant": "spoofed",
                     "X-Other": "kept",
                 },
             )
@@ -80,7 +80,7 @@ def test_header_up_wildcard_also_deletes_copied_headers(tmp_path: Path, pattern:
     """`header_up -X-Nz-*` works (any case) but also strips what copy_headers set from policyd."""
     auth, upstream = _one_request(tmp_path, before_auth="", header_up=f"header_up {pattern}")
     assert auth.header("X-Nz-Unknown") == "spoofed"
-    assert auth.header(contract.H_KEY_ID) == "spoofed"
+    assert auth.header(contract.H_GRANT) == "spoofed"
     assert not {name for name in upstream.names() if name.startswith("x-nz-")}
 
 
@@ -90,5 +90,5 @@ def test_request_header_wildcard_before_auth_keeps_copied_headers(tmp_path: Path
         tmp_path, before_auth="request_header -X-Nz-*", header_up="flush_interval -1"
     )
     assert not {name for name in auth.names() if name.startswith("x-nz-")}
-    assert {name for name in upstream.names() if name.startswith("x-nz-")} == {"x-nz-key-id"}
-    assert upstream.header(contract.H_KEY_ID) == KEY_ID
+    assert {name for name in upstream.names() if name.startswith("x-nz-")} == {"x-nz-grant"}
+    assert upstream.header(contract.H_GRANT) == grant(capture=False).encode()

@@ -10,6 +10,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from policyd.contract import H_GRANT, parse_grant
 from tests.e2e.conftest import StandinLog
 from tests.support.stack import Stack
 
@@ -159,5 +160,5 @@ def test_requests_reach_ollama_without_credentials(
     assert seen["raw_path"] == "/api/chat"
     assert "authorization" not in headers
     assert "x-nz-body" not in headers
-    assert headers["x-nz-key-prefix"] == cli_key[:11]
+    assert parse_grant(headers[H_GRANT.lower()])["prefix"] == cli_key[:11]
     assert cli_key not in str(seen)

@@ -13,7 +13,14 @@ import httpx
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from policyd import admin
-from policyd.contract import H_BODY, LOG_FIELDS, RATE_LIMIT_HEADERS
+from policyd.contract import (
+    H_BODY,
+    H_GRANT,
+    LEGACY_LOG_FIELDS,
+    LOG_GRANT,
+    RATE_LIMIT_HEADERS,
+    parse_grant,
+)
 from tests.e2e.conftest import StandinLog
 from tests.support.cli import run_cli
 from tests.support.stack import Stack
@@ -33,6 +40,9 @@ _SPOOFED: Final = {
     "X-Nz-Reserved": "0",
     "X-Nz-Refusal": "spoofed",
     "X-Nz-Foo": "spoofed-foo",
+    "X-Nz-Grant": "log=cp key=spoofed-key-id tenant=spoofed-tenant-id model=spoofed-model",
+    "X-Nz-Rate-Requests": "999999 999999 1",
+    "X-Nz-Rate-Tokens": "888888 888888 1",
     H_BODY: base64.b64encode(b'{"model":"spoofed"}').decode(),
     "X-Request-Id": _CLIENT_REQUEST_ID,
     "X-Ratelimit-Limit-Requests": "999999",
@@ -129,7 +139,8 @@ def chat(
 def test_client_nz_headers_never_reach_upstream_or_log_fields(
     stack: Stack, gateway: str, api_key: str, standin_log: StandinLog
 ) -> None:
-    """Spoofed X-Nz-*, X-Request-Id and rate headers are replaced by policyd's or dropped."""
+    """Spoofed X-Nz-* and X-Request-Id are replaced by policyd's or dropped; no client-sent
+    rate header reaches the client's response (only Caddy's from policyd's figures do)."""
     ids = ids_of_only_key(stack)
     for surface in SURFACES:
         for stream in (False, True):
@@ -146,28 +157,23 @@ def test_client_nz_headers_never_reach_upstream_or_log_fields(
             assert _rate_headers(reply) == {}, where
 
             seen = upstream_record(standin_log, request_id)["headers"]
-            assert seen["x-nz-key-id"] == ids.key_id, where
-            assert seen["x-nz-key-prefix"] == api_key[:11], where
-            assert seen["x-nz-tenant-id"] == ids.tenant_id, where
-            assert seen["x-nz-stream"] == ("1" if stream else "0"), where
-            assert seen["x-nz-model"] == "llama3.2", where
-            assert seen["x-nz-surface"] == surface.name, where
-            assert seen["x-nz-prompt-log"] == "0", where
-            assert seen["x-nz-reserved"] != "0", where
-            assert seen["x-request-id"] == request_id, where
-            assert "x-nz-foo" not in seen, where
-            assert "x-nz-refusal" not in seen, where
-            assert not any(h.lower().startswith("x-ratelimit-") for h in seen), where
-
+            # The grant Ollama gets and the one the log holds are policyd's, whole.
             line = log_line(stack, request_id)
             assert line["status"] == 200, where
-            assert line["nz_key_id"] == ids.key_id, where
-            assert line["nz_key_prefix"] == api_key[:11], where
-            assert line["nz_tenant_id"] == ids.tenant_id, where
-            assert line["nz_stream"] == ("1" if stream else "0"), where
-            assert line["nz_surface"] == surface.name, where
-            assert line["nz_model"] == "llama3.2", where
-            assert line["nz_prompt_log"] == "0", where
+            assert line[LOG_GRANT] == seen[H_GRANT.lower()], where
+            grant = parse_grant(seen[H_GRANT.lower()])
+            assert grant["key"] == ids.key_id, where
+            assert grant["prefix"] == api_key[:11], where
+            assert grant["tenant"] == ids.tenant_id, where
+            assert grant["stream"] == ("1" if stream else "0"), where
+            assert grant["model"] == "llama3.2", where
+            assert grant["surface"] == surface.name, where
+            assert grant["log"] == ("--" if stream else "c-"), where
+            assert int(grant["reserved"]) > 0, where
+            assert seen["x-request-id"] == request_id, where
+            assert {name for name in seen if name.startswith("x-nz-")} == {H_GRANT.lower()}, where
+            for legacy in LEGACY_LOG_FIELDS:
+                assert legacy not in line, where
             assert "headers" not in line["request"], where
 
 
@@ -239,7 +245,7 @@ def test_refused_request_has_one_request_id_and_no_trusted_fields(
         assert line["status"] == 401
         assert line["resp_headers"]["X-Request-Id"] == [request_id]
         # A refusal is logged without policyd's fields; a spoofed value must not stand in.
-        for field in LOG_FIELDS:
+        for field in (LOG_GRANT, *LEGACY_LOG_FIELDS):
             assert line.get(field, "") == "", (surface, field, line.get(field))
         assert "resp_body" not in line
         assert "headers" not in line["request"]
@@ -266,7 +272,7 @@ def test_only_non_streamed_responses_are_captured_in_the_log(
         streamed = chat(gateway, surface, key=api_key, stream=True, extra={})
         line = log_line(stack, streamed.headers["x-request-id"])
         assert "resp_body" not in line, surface
-        assert line["nz_stream"] == "1"
+        assert parse_grant(line[LOG_GRANT])["stream"] == "1"
         assert line["size"] == len(streamed.content)
 
 

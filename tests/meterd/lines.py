@@ -11,7 +11,17 @@ import time
 import uuid
 from typing import Any, Final
 
-__all__ = ["KEY_ID", "KEY_PREFIX", "REAL_LINE", "TENANT_ID", "caddy_line", "encode"]
+from policyd.contract import LOG_GRANT, Grant, parse_grant
+
+__all__ = [
+    "KEY_ID",
+    "KEY_PREFIX",
+    "REAL_LINE",
+    "TENANT_ID",
+    "caddy_line",
+    "encode",
+    "with_grant_values",
+]
 
 KEY_ID: Final = "0b8f6a52-3f5e-4c8e-9d1a-7f2d2b1c9e01"
 TENANT_ID: Final = "5a1d3c44-8e2b-4f7a-b0c9-1e2d3f4a5b6c"
@@ -53,8 +63,13 @@ def caddy_line(
     key_id: str = KEY_ID,
     tenant_id: str = TENANT_ID,
     extra: dict[str, Any] | None = None,
+    legacy: bool = False,
 ) -> dict[str, Any]:
-    """A line as the gateway's Caddyfile makes Caddy write it (as a dict)."""
+    """A line as the gateway's Caddyfile makes Caddy write it (as a dict).
+
+    `legacy` writes policyd's values as the Caddyfile did before the grant: one `nz_*`
+    field each.
+    """
     line: dict[str, Any] = {
         "level": "info",
         "ts": ts if ts is not None else time.time(),
@@ -84,16 +99,30 @@ def caddy_line(
         line["req_body"] = req_body  # early log_append: before the late fields
     # Caddy logs a refusal without the log_append fields that follow forward_auth.
     if admitted:
-        line.update(
-            nz_key_id=key_id,
-            nz_key_prefix=KEY_PREFIX,
-            nz_tenant_id=tenant_id,
-            nz_surface="openai" if path.startswith("/v1/") else "ollama",
-            nz_model=model,
-            nz_stream="1" if stream else "0",
-            nz_prompt_log="1" if prompt_log else "0",
-            nz_reserved="" if reserved is None else str(reserved),
-        )
+        surface = "openai" if path.startswith("/v1/") else "ollama"
+        if legacy:
+            line.update(
+                nz_key_id=key_id,
+                nz_key_prefix=KEY_PREFIX,
+                nz_tenant_id=tenant_id,
+                nz_surface=surface,
+                nz_model=model,
+                nz_stream="1" if stream else "0",
+                nz_prompt_log="1" if prompt_log else "0",
+                nz_reserved="" if reserved is None else str(reserved),
+            )
+        else:
+            line[LOG_GRANT] = Grant(
+                key_id=key_id,
+                key_prefix=KEY_PREFIX,
+                tenant_id=tenant_id,
+                surface=surface,
+                stream=stream,
+                capture=resp_body is not None,
+                prompt_log=prompt_log,
+                reserved=reserved,
+                model=model,
+            ).encode()
     line["ttfb_ms"] = 12.5
     if resp_body is not None:
         line["resp_body"] = resp_body
@@ -111,3 +140,9 @@ def encode(line: dict[str, Any]) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return json.dumps(line, separators=(",", ":")).encode()
+
+
+def with_grant_values(line: dict[str, Any], **values: str) -> str:
+    """`line`'s grant with some values replaced as written (hostile ones included)."""
+    fields = {**parse_grant(line[LOG_GRANT]), **values}
+    return " ".join(f"{name}={value}" for name, value in fields.items())

@@ -9,7 +9,16 @@ import uuid
 import pytest
 
 from meterd.parse import BadLine, Event, parse_line
-from tests.meterd.lines import KEY_ID, KEY_PREFIX, REAL_LINE, TENANT_ID, caddy_line, encode
+from policyd.contract import LOG_GRANT
+from tests.meterd.lines import (
+    KEY_ID,
+    KEY_PREFIX,
+    REAL_LINE,
+    TENANT_ID,
+    caddy_line,
+    encode,
+    with_grant_values,
+)
 
 
 def _event(raw: bytes, *, truncated: bool = False) -> Event:
@@ -34,8 +43,9 @@ def test_real_caddy_line_parses() -> None:
     assert not event.admitted
 
 
-def test_gateway_fields_are_read() -> None:
-    """The nz_* fields from policyd become the event's identity, model and flags."""
+@pytest.mark.parametrize("legacy", [False, True], ids=["grant", "legacy fields"])
+def test_gateway_fields_are_read(legacy: bool) -> None:
+    """policyd's grant (or the older nz_* fields) becomes the event's identity, model, flags."""
     event = _event(
         encode(
             caddy_line(
@@ -44,6 +54,7 @@ def test_gateway_fields_are_read() -> None:
                 prompt_log=True,
                 reserved=4242,
                 model="Llama3.2:Latest",
+                legacy=legacy,
             )
         )
     )
@@ -123,6 +134,8 @@ def test_malformed_lines_are_bad_lines(raw: bytes) -> None:
     assert b"\n" not in parsed.reason.encode()
 
 
+# A line as Caddyfiles before the grant wrote it.
+_LEGACY = {**caddy_line(legacy=True), LOG_GRANT: None}
 _HOSTILE = {
     "NUL in uri": {"request": {**caddy_line()["request"], "uri": "/api/chat\x00x"}},
     "huge uri": {"request": {**caddy_line()["request"], "uri": "/" + "a" * 100_000}},
@@ -133,15 +146,20 @@ _HOSTILE = {
     "ua not a list": {"request": {**caddy_line()["request"], "headers": {"User-Agent": "x"}}},
     "bad client ip": {"request": {**caddy_line()["request"], "client_ip": "999.1.1.1; DROP"}},
     "bad method": {"request": {**caddy_line()["request"], "method": "GET /x HTTP/1.1"}},
-    "key id not uuid": {"nz_key_id": "'; DROP TABLE audit_log; --"},
-    "tenant id wrong type": {"nz_tenant_id": ["x"]},
-    "prefix hostile": {"nz_key_prefix": "nz_<script>"},
-    "surface unknown": {"nz_surface": "soap"},
-    "model huge": {"nz_model": "m" * 10_000},
-    "model NUL": {"nz_model": "llama\x003"},
-    "stream odd": {"nz_stream": "yes"},
-    "reserved negative": {"nz_reserved": "-5"},
-    "reserved huge": {"nz_reserved": "9" * 40},
+    "key id not uuid": {LOG_GRANT: with_grant_values(caddy_line(), key="';DROP-TABLE")},
+    "grant not a string": {LOG_GRANT: ["x"]},
+    "grant without pairs": {LOG_GRANT: "= == x"},
+    "prefix hostile": {LOG_GRANT: with_grant_values(caddy_line(), prefix="nz_<script>")},
+    "surface unknown": {LOG_GRANT: with_grant_values(caddy_line(), surface="soap")},
+    "model huge": {LOG_GRANT: with_grant_values(caddy_line(), model="m" * 10_000)},
+    "model NUL": {LOG_GRANT: with_grant_values(caddy_line(), model="llama\x003")},
+    "stream odd": {LOG_GRANT: with_grant_values(caddy_line(), stream="yes")},
+    "reserved negative": {LOG_GRANT: with_grant_values(caddy_line(), reserved="-5")},
+    "reserved huge": {LOG_GRANT: with_grant_values(caddy_line(), reserved="9" * 40)},
+    "legacy key id not uuid": {**_LEGACY, "nz_key_id": "'; DROP TABLE audit_log; --"},
+    "legacy tenant id wrong type": {**_LEGACY, "nz_tenant_id": ["x"]},
+    "legacy model NUL": {**_LEGACY, "nz_model": "llama\x003"},
+    "legacy reserved huge": {**_LEGACY, "nz_reserved": "9" * 40},
     "size negative": {"size": -1},
     "size float": {"size": 1.5e300},
     "duration negative": {"duration": -3},

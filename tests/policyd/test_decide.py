@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from policyd.contract import H_CAPTURE, H_MODEL, H_STREAM, Surface
+from policyd.contract import H_GRANT, Surface, parse_grant
 from policyd.decide import (
     DEFAULT_OUTPUT_RESERVE,
     admit,
@@ -96,13 +96,15 @@ def test_model_names_with_control_characters_are_refused() -> None:
 
 def test_non_streamed_generation_is_captured_streamed_is_not() -> None:
     """Only non-streamed bodies are captured into the log for exact usage."""
-    for stream, capture in ((False, "1"), (True, "0")):
+    for stream, flags in ((False, "cp"), (True, "-p")):  # the tenant logs prompts
         body = b64({"model": "m", "prompt": "hi", "stream": stream})
         screened = screen_request("POST", "/api/generate", body, max_body_bytes=LIMIT)
-        headers = dict(admit(screened, record()))
-        assert headers[H_STREAM] == ("1" if stream else "0")
-        assert headers[H_CAPTURE] == capture
-        assert headers[H_MODEL] == "m"
+        ((name, value),) = admit(screened, record())
+        assert name == H_GRANT
+        grant = parse_grant(value)
+        assert grant["stream"] == ("1" if stream else "0")
+        assert grant["log"] == flags
+        assert grant["model"] == "m"
 
 
 @pytest.mark.parametrize(
@@ -129,7 +131,10 @@ def test_info_endpoints_need_no_body() -> None:
     """GET endpoints are admitted without reading a body."""
     screened = screen_request("GET", "/api/tags", "", max_body_bytes=LIMIT)
     assert screened.refusal is None
-    assert dict(admit(screened, record()))[H_STREAM] == "0"
+    grant = parse_grant(dict(admit(screened, record()))[H_GRANT])
+    assert grant["stream"] == "0"
+    assert grant["log"] == "--"
+    assert "model" not in grant
 
 
 @pytest.mark.parametrize(
