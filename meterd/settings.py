@@ -10,9 +10,10 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import attrs
+
+from policyd.envreader import EnvReader
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -58,59 +59,18 @@ class Settings:
     log_level: str = "INFO"
 
 
-def _required(env: Mapping[str, str], name: str, errors: list[str]) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        errors.append(f"{name} is required")
-    return value
-
-
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: float,
-    errors: list[str],
-    *,
-    integer: bool,
-    minimum: float = 0.0,
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        errors.append(f"{name} must be {kind}, got {raw!r}")
-        return default
-    if not value > minimum:
-        errors.append(f"{name} must be greater than {minimum:g}, got {raw!r}")
-        return default
-    return value
-
-
-def _check_scheme(name: str, value: str, schemes: tuple[str, ...], errors: list[str]) -> None:
-    if value and urlsplit(value).scheme not in schemes:
-        errors.append(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
-
-
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build settings from `env` (normally `os.environ`); raise listing every problem."""
-    errors: list[str] = []
-    database_url = _required(env, "NZ_DATABASE_URL", errors)
-    _check_scheme("NZ_DATABASE_URL", database_url, ("postgresql+asyncpg",), errors)
-    redis_url = _required(env, "NZ_REDIS_URL", errors)
-    _check_scheme("NZ_REDIS_URL", redis_url, ("redis", "rediss", "unix"), errors)
-    access_log = _required(env, "NZ_ACCESS_LOG", errors)
+    read = EnvReader(env)
+    database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
+    redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
+    access_log = read.required("NZ_ACCESS_LOG")
     if access_log and not Path(access_log).is_absolute():
-        errors.append("NZ_ACCESS_LOG must be an absolute path")
-    node = env.get("NZ_METERD_NODE", "").strip() or socket.gethostname()
+        read.errors.append("NZ_ACCESS_LOG must be an absolute path")
+    node = read.text("NZ_METERD_NODE") or socket.gethostname()
     if len(node) > _MAX_NODE_LEN or not node.isprintable():
-        errors.append(f"NZ_METERD_NODE must be 1-{_MAX_NODE_LEN} printable characters")
-
-    def num(name: str, default: float, *, integer: bool = False, minimum: float = 0.0) -> float:
-        return _number(env, name, default, errors, integer=integer, minimum=minimum)
-
+        read.errors.append(f"NZ_METERD_NODE must be 1-{_MAX_NODE_LEN} printable characters")
+    num = read.number
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -118,21 +78,19 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         node=node,
         batch_lines=int(num("NZ_METERD_BATCH_LINES", 500, integer=True)),
         poll_s=num("NZ_METERD_POLL_S", 0.2),
-        heartbeat_ttl_s=int(num("NZ_METERD_HEARTBEAT_TTL_S", 30, integer=True, minimum=2)),
+        heartbeat_ttl_s=int(num("NZ_METERD_HEARTBEAT_TTL_S", 30, integer=True, above=2)),
         prune_every_s=num("NZ_METERD_PRUNE_EVERY_S", 3600.0),
         prompt_retention_days=int(num("NZ_METERD_PROMPT_RETENTION_DAYS", 30, integer=True)),
         max_line_bytes=int(
-            num("NZ_METERD_MAX_LINE_BYTES", 64 * 1024 * 1024, integer=True, minimum=4095)
+            num("NZ_METERD_MAX_LINE_BYTES", 64 * 1024 * 1024, integer=True, above=4095)
         ),
         max_prompt_bytes=int(num("NZ_METERD_MAX_PROMPT_BYTES", 1024 * 1024, integer=True)),
         drain_s=num("NZ_METERD_DRAIN_S", 20.0),
         max_backoff_s=num("NZ_METERD_MAX_BACKOFF_S", 30.0),
         sweep_every_s=num("NZ_METERD_SWEEP_EVERY_S", 60.0),
         sweep_grace_s=num("NZ_METERD_SWEEP_GRACE_S", 120.0),
-        log_level=env.get("NZ_METERD_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+        log_level=read.log_level("NZ_METERD_LOG_LEVEL"),
     )
-    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        errors.append("NZ_METERD_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-    if errors:
-        raise SettingsError("; ".join(errors))
+    if read.errors:
+        raise SettingsError("; ".join(read.errors))
     return settings

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
-from typing import Final
 
 import rich_click as click
 from rich.console import Console
 from rich.table import Table
 
 from policyd import admin, cli_audit, cli_limits
-from policyd.cli_base import fail, iso, json_option, need_redis, print_json, run
+from policyd.cli_base import fail, iso, json_option, need_redis, parse_when, print_json, run
 
 __all__ = ["main"]
-
-_DURATION: Final = re.compile(r"^(\d+)([smhdw])$")
-_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def _short(value: dt.datetime | None) -> str:
@@ -29,18 +24,10 @@ def _short(value: dt.datetime | None) -> str:
 
 def parse_expiry(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`30d`, `12h`, `2w`, a date (`2027-01-31`, end of that day UTC) or an ISO datetime."""
-    current = now or dt.datetime.now(dt.UTC)
-    match = _DURATION.fullmatch(text.strip())
-    if match:
-        return current + dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
-            day = dt.date.fromisoformat(text.strip())
-            return dt.datetime.combine(day, dt.time.max, tzinfo=dt.UTC)
-        parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+    moment = parse_when(text, ahead=True, now=now)
+    if moment is None:
         fail(f"invalid expiry {text!r}: use e.g. 30d, 12h, 2027-01-31 or 2027-01-31T12:00:00Z")
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return moment
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import INET, UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.admin import AdminError, find_tenant_id
-from policyd.cli_base import iso, json_option, run
+from policyd.cli_base import iso, json_option, parse_when, run
 from policyd.schema import api_keys, tenants
 
 __all__ = [
@@ -38,8 +38,6 @@ _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
 _MAX_LIMIT: Final = 1000
 _PRUNE_CHUNK: Final = 10_000
-_AGO: Final = re.compile(r"^(\d+)([smhdw])$")
-_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _STATUS_CLASS: Final = re.compile(r"^([1-5])xx$")
 
 # meterd's tables, as far as these commands read them.
@@ -91,20 +89,10 @@ prompt_log: Final = sa.table(
 
 def parse_moment(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`24h`/`7d`/`30m`/`2w` ago, a date (its start, UTC) or an ISO datetime."""
-    current = now or dt.datetime.now(dt.UTC)
-    value = text.strip()
-    match = _AGO.match(value)
-    if match:
-        return current - dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            return dt.datetime.combine(dt.date.fromisoformat(value), dt.time(), tzinfo=dt.UTC)
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T12:00:00Z"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    moment = parse_when(text, ahead=False, now=now)
+    if moment is None:
+        raise click.BadParameter(f"{text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T12:00:00Z")
+    return moment
 
 
 def _moment(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from policyd import admin
 
-__all__ = ["fail", "iso", "json_option", "need_redis", "print_json", "run"]
+__all__ = ["fail", "iso", "json_option", "need_redis", "parse_when", "print_json", "run"]
 
 _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
@@ -125,3 +126,32 @@ def _jsonable(value: Any) -> Any:
 def print_json(value: Any) -> None:
     """Print `value` (attrs classes, lists, datetimes) as indented JSON."""
     click.echo(json.dumps(_jsonable(value), indent=2))
+
+
+_DURATION: Final = re.compile(r"^(\d+)([smhdw])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_when(text: str, *, ahead: bool, now: dt.datetime | None = None) -> dt.datetime | None:
+    """A moment as operators write it; None when it cannot be read.
+
+    `30d`, `12h`, `2w`, `45m`, `10s` count from now, forwards when `ahead` (an expiry),
+    else backwards (`--since 24h`). A date is the end of that day (UTC) looking ahead, so
+    a key expiring on a date works through it, and its start looking back. An ISO
+    datetime without a zone is UTC.
+    """
+    value = text.strip()
+    current = now or dt.datetime.now(dt.UTC)
+    match = _DURATION.fullmatch(value)
+    if match:
+        span = dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        return current + span if ahead else current - span
+    try:
+        if _DATE.fullmatch(value):
+            edge = dt.time.max if ahead else dt.time()
+            return dt.datetime.combine(dt.date.fromisoformat(value), edge, tzinfo=dt.UTC)
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit
 
 import attrs
+
+from policyd.envreader import EnvReader
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
 
@@ -49,59 +50,22 @@ class Settings:
     log_level: str = "INFO"
 
 
-def _required(env: Mapping[str, str], name: str, errors: list[str]) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        errors.append(f"{name} is required")
-    return value
-
-
-def _positive_number(
-    env: Mapping[str, str], name: str, default: float, errors: list[str], *, integer: bool
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        errors.append(f"{name} must be a {'whole' if integer else ''} number, got {raw!r}")
-        return default
-    if value <= 0:
-        errors.append(f"{name} must be positive, got {raw!r}")
-        return default
-    return value
-
-
-def _check_url(name: str, value: str, schemes: tuple[str, ...], errors: list[str]) -> None:
-    if value and urlsplit(value).scheme not in schemes:
-        errors.append(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
-
-
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Build settings from `env` (default: the process environment); raise on any problem."""
-    source = os.environ if env is None else env
-    errors: list[str] = []
-    database_url = _required(source, "NZ_DATABASE_URL", errors)
-    redis_url = _required(source, "NZ_REDIS_URL", errors)
-    ollama_url = _required(source, "NZ_OLLAMA_URL", errors)
-    secret = _required(source, "NZ_KEY_HMAC_SECRET", errors)
-    _check_url("NZ_DATABASE_URL", database_url, ("postgresql+asyncpg",), errors)
-    _check_url("NZ_REDIS_URL", redis_url, ("redis", "rediss", "unix"), errors)
-    _check_url("NZ_OLLAMA_URL", ollama_url, ("http", "https"), errors)
+    read = EnvReader(os.environ if env is None else env)
+    database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
+    redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
+    ollama_url = read.url("NZ_OLLAMA_URL", ("http", "https"))
+    secret = read.required("NZ_KEY_HMAC_SECRET")
     if secret and len(secret) < _MIN_SECRET_LEN:
-        errors.append(f"NZ_KEY_HMAC_SECRET must be at least {_MIN_SECRET_LEN} characters")
-    max_body = _positive_number(
-        source, "NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, errors, integer=True
-    )
-    cache_ttl_ms = _positive_number(source, "NZ_KEY_CACHE_TTL_MS", 500, errors, integer=True)
-    timeout_ms = _positive_number(source, "NZ_STORE_TIMEOUT_MS", 2000, errors, integer=True)
-    lease_ttl = _positive_number(source, "NZ_LEASE_TTL_S", 600, errors, integer=False)
-    log_level = source.get("NZ_LOG_LEVEL", "INFO").strip().upper() or "INFO"
-    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        errors.append("NZ_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-    if errors:
-        raise SettingsError("invalid configuration: " + "; ".join(errors))
+        read.errors.append(f"NZ_KEY_HMAC_SECRET must be at least {_MIN_SECRET_LEN} characters")
+    max_body = read.number("NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
+    cache_ttl_ms = read.number("NZ_KEY_CACHE_TTL_MS", 500, integer=True)
+    timeout_ms = read.number("NZ_STORE_TIMEOUT_MS", 2000, integer=True)
+    lease_ttl = read.number("NZ_LEASE_TTL_S", 600)
+    log_level = read.log_level("NZ_LOG_LEVEL")
+    if read.errors:
+        raise SettingsError("invalid configuration: " + "; ".join(read.errors))
     return Settings(
         database_url=database_url,
         redis_url=redis_url,

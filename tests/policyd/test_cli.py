@@ -13,6 +13,7 @@ from typing import Any, Final
 import pytest
 
 from policyd.cli import parse_expiry
+from policyd.cli_base import parse_when
 from policyd.limits import DIMENSIONS
 from tests.support.cli import run_cli
 from tests.support.processes import base_env, free_port
@@ -152,6 +153,26 @@ def test_create_key_accepts_durations_dates_and_iso_expiries(cli_env: dict[str, 
     assert parse_expiry("2099-06-01T12:00:00", now=now) == dt.datetime(
         2099, 6, 1, 12, tzinfo=dt.UTC
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "ahead", "expected"),
+    [
+        ("30m", True, dt.datetime(2030, 1, 1, 0, 30, tzinfo=dt.UTC)),
+        ("24h", False, dt.datetime(2029, 12, 31, tzinfo=dt.UTC)),
+        # A date looking ahead (an expiry) lasts through that day; looking back, it starts it.
+        ("2030-02-01", True, dt.datetime.combine(dt.date(2030, 2, 1), dt.time.max, dt.UTC)),
+        ("2029-12-01", False, dt.datetime(2029, 12, 1, tzinfo=dt.UTC)),
+        (" 2029-12-01T06:00:00+02:00 ", False, dt.datetime(2029, 12, 1, 4, tzinfo=dt.UTC)),
+        ("yesterday", False, None),
+        ("12x", True, None),
+        ("2029-13-01", True, None),
+    ],
+)
+def test_moments_read_both_ways(text: str, ahead: bool, expected: dt.datetime | None) -> None:
+    """Expiries (ahead) and --since/--until (back) share one reader of durations and dates."""
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    assert parse_when(text, ahead=ahead, now=now) == expected
 
 
 def test_revoke_key_is_idempotent(cli_env: dict[str, str]) -> None:

@@ -1,0 +1,74 @@
+"""policyd's settings and the environment reader both daemons share."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from policyd.envreader import EnvReader
+from policyd.settings import DEFAULT_MAX_BODY_BYTES, SettingsError, load_settings
+
+_VALID: Final = {
+    "NZ_DATABASE_URL": "postgresql+asyncpg://nz@127.0.0.1/nz",
+    "NZ_REDIS_URL": "redis://127.0.0.1:6379/0",
+    "NZ_OLLAMA_URL": "http://127.0.0.1:11434/",
+    "NZ_KEY_HMAC_SECRET": "s" * 32,
+}
+
+
+def test_defaults_and_units() -> None:
+    """Unset numbers take their defaults; milliseconds become seconds; the URL loses its slash."""
+    settings = load_settings({**_VALID, "NZ_STORE_TIMEOUT_MS": "250", "NZ_LOG_LEVEL": " debug "})
+    assert settings.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert settings.key_cache_ttl_s == 0.5
+    assert settings.store_timeout_s == 0.25
+    assert settings.ollama_url == "http://127.0.0.1:11434"
+    assert settings.log_level == "DEBUG"
+
+
+def test_every_problem_is_reported_at_once_without_the_secret() -> None:
+    """One error lists every bad value, so an operator fixes the configuration in one go."""
+    env = {
+        "NZ_DATABASE_URL": "postgresql://nz@127.0.0.1/nz",
+        "NZ_OLLAMA_URL": "ftp://ollama",
+        "NZ_KEY_HMAC_SECRET": "short-secret-value",
+        "NZ_MAX_BODY_BYTES": "8MB",
+        "NZ_LEASE_TTL_S": "-1",
+        "NZ_LOG_LEVEL": "loud",
+    }
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    for expected in (
+        "NZ_DATABASE_URL must start with one of postgresql+asyncpg://",
+        "NZ_REDIS_URL is required",
+        "NZ_OLLAMA_URL must start with one of http://, https://",
+        "NZ_KEY_HMAC_SECRET must be at least 32 characters",
+        "NZ_MAX_BODY_BYTES must be a whole number, got '8MB'",
+        "NZ_LEASE_TTL_S must be greater than 0, got '-1'",
+        "NZ_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR",
+    ):
+        assert expected in message
+    assert "short-secret-value" not in message
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "0", "1.5"])
+def test_numbers_must_be_finite_and_above_the_bound(raw: str) -> None:
+    """NaN, infinity and values at the bound are refused; fractions only where allowed."""
+    whole = EnvReader({"N": raw})
+    whole.number("N", 7, integer=True)
+    assert whole.errors, raw
+    fraction = EnvReader({"N": raw})
+    value = fraction.number("N", 7.0, above=1.0)
+    assert (not fraction.errors) == (raw == "1.5"), raw
+    assert value == (float(raw) if not fraction.errors else 7.0)
+
+
+def test_blank_values_count_as_unset() -> None:
+    """Whitespace-only values are unset: defaults apply, required ones are reported."""
+    read = EnvReader({"A": "  ", "B": "\t"})
+    assert read.number("A", 3, integer=True) == 3
+    assert read.text("B", "fallback") == "fallback"
+    assert read.required("B") == ""
+    assert read.errors == ["B is required"]
