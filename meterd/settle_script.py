@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import parse_url
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -33,7 +32,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from policyd.resp import IncompleteReply, encode_command, parse_reply, supports
+from policyd.resp import (
+    IncompleteReply,
+    RedisAddress,
+    encode_command,
+    parse_reply,
+    redis_address,
+)
 
 __all__ = ["Call", "SettleScript"]
 
@@ -77,23 +82,14 @@ class _Connection:
         self._writer = writer
 
     @classmethod
-    async def open(cls, url: str) -> _Connection:
-        address = parse_url(url)
-        path = address.get("path")
-        if path is not None:
-            reader, writer = await asyncio.open_unix_connection(path)
+    async def open(cls, address: RedisAddress) -> _Connection:
+        if address.path is not None:
+            reader, writer = await asyncio.open_unix_connection(address.path)
         else:
-            host, port = address.get("host", "localhost"), address.get("port", 6379)
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(address.host, address.port)
         conn = cls(reader, writer)
         try:
-            handshake = []
-            if address.get("password") is not None:
-                user = address.get("username")
-                auth = (user, address["password"]) if user else (address["password"],)
-                handshake.append(encode_command(b"AUTH", *auth))
-            if address.get("db"):
-                handshake.append(encode_command(b"SELECT", int(address["db"])))
+            handshake = address.handshake()
             for reply in await conn.exchange(b"".join(handshake), len(handshake)):
                 if isinstance(reply, Exception):
                     raise reply
@@ -140,8 +136,8 @@ class SettleScript:
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         self._head = f"$7\r\nEVALSHA\r\n${len(self._sha)}\r\n{self._sha}\r\n"
-        self._url = redis_url
-        self._lean = supports(redis_url)
+        # The lean connection where the URL allows one, else redis-py's pipeline.
+        self._address = redis_address(redis_url)
         self._redis = redis
         self._timeout_s = timeout_s
         self._conn: _Connection | None = None
@@ -173,7 +169,7 @@ class SettleScript:
 
     async def _send(self, calls: Sequence[Call], *, load: bool = False) -> list[Any]:
         """EVALSHA per call in one round trip; `load`: SCRIPT LOAD first (its reply first)."""
-        if not self._lean:
+        if self._address is None:
             pipe = self._redis.pipeline(transaction=False)
             if load:
                 pipe.script_load(self._source)
@@ -194,7 +190,7 @@ class SettleScript:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     if self._conn is None:
-                        self._conn = await _Connection.open(self._url)
+                        self._conn = await _Connection.open(self._address)
                     return await self._conn.exchange(payload, commands)
             except BaseException as exc:
                 # Replies may still be on their way: the connection cannot be trusted.

@@ -26,7 +26,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["IncompleteReply", "RespClient", "encode_command", "parse_reply", "supports"]
+__all__ = [
+    "IncompleteReply",
+    "RedisAddress",
+    "RespClient",
+    "encode_command",
+    "parse_reply",
+    "redis_address",
+    "supports",
+]
 
 _CRLF: Final = b"\r\n"
 _SCHEMES: Final = frozenset({"redis", "unix"})
@@ -49,7 +57,9 @@ def encode_command(*parts: bytes | str | int) -> bytes:
 
 
 @attrs.frozen(kw_only=True)
-class _Address:
+class RedisAddress:
+    """Where a lean client connects, and how it introduces itself."""
+
     host: str  # unused for a unix socket
     port: int
     path: str | None
@@ -57,8 +67,20 @@ class _Address:
     password: str | None = attrs.field(repr=False)
     db: int
 
+    def handshake(self) -> list[bytes]:
+        """The commands a new connection sends first: AUTH and SELECT, where the URL asks."""
+        commands = []
+        if self.password is not None:
+            auth = (self.username, self.password) if self.username else (self.password,)
+            commands.append(encode_command(b"AUTH", *auth))
+        if self.db:
+            commands.append(encode_command(b"SELECT", self.db))
+        return commands
 
-def _address(url: str) -> _Address | None:
+
+def redis_address(url: str) -> RedisAddress | None:
+    """The address of a `redis://` or `unix://` URL; None for anything a lean client
+    leaves to redis-py (TLS, URL options other than `db`, malformed numbers)."""
     parts = urlsplit(url)
     if parts.scheme not in _SCHEMES:
         return None
@@ -73,7 +95,7 @@ def _address(url: str) -> _Address | None:
         port = parts.port or 6379
     except ValueError:  # a malformed db or port: let redis-py report it
         return None
-    return _Address(
+    return RedisAddress(
         host="" if unix else parts.hostname or "localhost",
         port=port,
         path=parts.path if unix else None,
@@ -85,7 +107,7 @@ def _address(url: str) -> _Address | None:
 
 def supports(url: str) -> bool:
     """Whether this client can talk to `url` (otherwise use redis-py)."""
-    return _address(url) is not None
+    return redis_address(url) is not None
 
 
 class IncompleteReply(Exception):
@@ -216,7 +238,7 @@ class RespClient:
     """GET and EVALSHA over one pipelined connection, reconnecting after any failure."""
 
     def __init__(self, *, url: str, timeout_s: float) -> None:
-        address = _address(url)
+        address = redis_address(url)
         if address is None:
             raise ValueError("unsupported Redis URL for the lean client; use redis-py")
         self._address = address
@@ -284,15 +306,8 @@ class RespClient:
         else:
             _, protocol = await loop.create_connection(_Protocol, address.host, address.port)
         try:
-            if address.password is not None:
-                auth = (
-                    (address.username, address.password)
-                    if address.username
-                    else (address.password,)
-                )
-                await protocol.send(encode_command(b"AUTH", *auth))
-            if address.db:
-                await protocol.send(encode_command(b"SELECT", address.db))
+            for command in address.handshake():
+                await protocol.send(command)
         except BaseException:
             protocol.abort(RedisConnectionError("redis handshake failed"))
             raise

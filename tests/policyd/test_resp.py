@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from policyd.keystore import StoreUnavailable
 from policyd.limits import Limiter
 from policyd.records import KeyRecord, Limits
-from policyd.resp import RespClient, encode_command, supports
+from policyd.resp import RespClient, encode_command, redis_address, supports
 from tests.support.services import RedisServer, Service
 
 __all__: list[str] = []
@@ -189,3 +189,21 @@ async def test_limiter_fails_closed_through_the_lean_client() -> None:
     finally:
         await hot.aclose()
         await cold.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", []),
+        ("redis://:s%40cret@127.0.0.1:6379/2", [(b"AUTH", b"s@cret"), (b"SELECT", b"2")]),
+        ("redis://nz:pw@127.0.0.1/0", [(b"AUTH", b"nz", b"pw")]),
+        ("unix:///run/redis.sock?db=5", [(b"SELECT", b"5")]),
+    ],
+)
+def test_handshake_follows_the_url(url: str, expected: list[tuple[bytes, ...]]) -> None:
+    """A new lean connection authenticates and selects the database as the URL says."""
+    address = redis_address(url)
+    assert address is not None
+    assert address.handshake() == [encode_command(*parts) for parts in expected]
+    assert "pw" not in repr(address)
+    assert "cret" not in repr(address)
