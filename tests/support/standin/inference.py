@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from tests.support.standin.gojson import BindError, go_duration_seconds, go_quote
@@ -127,9 +127,8 @@ def _job(
     fields: Mapping[str, Any],
     keep_alive_s: float | None,
     prompt_text: str,
-    extra_prompt_tokens: int = 0,
     num_predict: int,
-    context: tuple[int, ...] = (),
+    context: tuple[int, ...],
 ) -> Job:
     json_format = fields.get("format") not in (None, "")
     reply = reply_for(card.name, prompt_text, json_format=json_format)
@@ -141,10 +140,60 @@ def _job(
         stream=_stream_flag(fields),
         keep_alive_s=keep_alive_s,
         prompt_text=prompt_text,
-        prompt_tokens=count_tokens(prompt_text) + extra_prompt_tokens,
+        # Context ids are tokens already: they count without being rendered.
+        prompt_tokens=count_tokens(prompt_text) + len(context),
         reply=reply,
         limit=limit,
         done_reason="length" if limit < full else "stop",
+        context=context,
+    )
+
+
+def _prepare(
+    state: ServerState,
+    fields: Mapping[str, Any],
+    *,
+    requested: str,
+    has_input: bool,
+    needed: Sequence[tuple[str, str]],
+    render: Callable[[], str],
+    context: tuple[int, ...] = (),
+) -> Job | Refusal:
+    """The checks generate and chat share once the model name parses, in Ollama's order.
+
+    Without input (no prompt, no messages) the job is a preload: an unload with
+    `keep_alive: 0`, which skips the capability and option checks, else a load, which
+    does not. `needed` lists the endpoint's capabilities (with the word Ollama's refusal
+    uses); thinking is checked after them when `think` asks for it. `render` makes the
+    prompt text, only for a request that passed every check.
+    """
+    card = state.catalogue.find(requested)
+    if card is None:
+        return Refusal(404, f"model '{requested}' not found")
+    keep_alive = _keep_alive(fields)
+    if isinstance(keep_alive, Refusal):
+        return keep_alive
+    if not has_input and keep_alive == 0:
+        return Job(requested=requested, card=card, stream=False, keep_alive_s=0, preload="unload")
+    if _thinking_requested(fields.get("think")):
+        needed = [*needed, ("thinking", "thinking")]
+    refusal = _capability_refusal(requested, card, needed)
+    if refusal is not None:
+        return refusal
+    num_predict = _check_options(fields.get("options"))
+    if isinstance(num_predict, Refusal):
+        return num_predict
+    if not has_input:
+        return Job(
+            requested=requested, card=card, stream=False, keep_alive_s=keep_alive, preload="load"
+        )
+    return _job(
+        requested=requested,
+        card=card,
+        fields=fields,
+        keep_alive_s=keep_alive,
+        prompt_text=render(),
+        num_predict=num_predict,
         context=context,
     )
 
@@ -157,44 +206,22 @@ def prepare_generate(state: ServerState, fields: Mapping[str, Any]) -> Job | Ref
     context = tuple(fields.get("context") or ())
     if fields.get("raw") and (fields.get("template") or fields.get("system") or context):
         return Refusal(400, "raw mode does not support template, system, or context")
-    card = state.catalogue.find(requested)
-    if card is None:
-        return Refusal(404, f"model '{requested}' not found")
-    keep_alive = _keep_alive(fields)
-    if isinstance(keep_alive, Refusal):
-        return keep_alive
     prompt: str = fields.get("prompt") or ""
-    if not prompt and keep_alive == 0:
-        return Job(requested=requested, card=card, stream=False, keep_alive_s=0, preload="unload")
     needed = [("completion", "generate")]
     if fields.get("suffix"):
         needed.append(("insert", "insert"))
-    if _thinking_requested(fields.get("think")):
-        needed.append(("thinking", "thinking"))
-    refusal = _capability_refusal(requested, card, needed)
-    if refusal is not None:
-        return refusal
-    num_predict = _check_options(fields.get("options"))
-    if isinstance(num_predict, Refusal):
-        return num_predict
-    if not prompt:
-        return Job(
-            requested=requested, card=card, stream=False, keep_alive_s=keep_alive, preload="load"
-        )
-    text = render_generate(
-        prompt,
-        system=fields.get("system") or "",
-        suffix=fields.get("suffix") or "",
-        raw=bool(fields.get("raw")),
-    )
-    return _job(
+    return _prepare(
+        state,
+        fields,
         requested=requested,
-        card=card,
-        fields=fields,
-        keep_alive_s=keep_alive,
-        prompt_text=text,
-        extra_prompt_tokens=len(context),
-        num_predict=num_predict,
+        has_input=bool(prompt),
+        needed=needed,
+        render=lambda: render_generate(
+            prompt,
+            system=fields.get("system") or "",
+            suffix=fields.get("suffix") or "",
+            raw=bool(fields.get("raw")),
+        ),
         context=context,
     )
 
@@ -206,36 +233,16 @@ def prepare_chat(
     requested: str = fields.get("model") or ""
     if canonical_name(requested) is None:
         return Refusal(400, "model is required")
-    card = state.catalogue.find(requested)
-    if card is None:
-        return Refusal(404, f"model '{requested}' not found")
-    keep_alive = _keep_alive(fields)
-    if isinstance(keep_alive, Refusal):
-        return keep_alive
-    if not turns and keep_alive == 0:
-        return Job(requested=requested, card=card, stream=False, keep_alive_s=0, preload="unload")
     needed = [("completion", "chat")]
     if fields.get("tools"):
         needed.append(("tools", "tools"))
-    if _thinking_requested(fields.get("think")):
-        needed.append(("thinking", "thinking"))
-    refusal = _capability_refusal(requested, card, needed)
-    if refusal is not None:
-        return refusal
-    num_predict = _check_options(fields.get("options"))
-    if isinstance(num_predict, Refusal):
-        return num_predict
-    if not turns:
-        return Job(
-            requested=requested, card=card, stream=False, keep_alive_s=keep_alive, preload="load"
-        )
-    return _job(
+    return _prepare(
+        state,
+        fields,
         requested=requested,
-        card=card,
-        fields=fields,
-        keep_alive_s=keep_alive,
-        prompt_text=render_chat(turns),
-        num_predict=num_predict,
+        has_input=bool(turns),
+        needed=needed,
+        render=lambda: render_chat(turns),
     )
 
 

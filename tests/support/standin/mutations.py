@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from tests.support.standin.exchange import JSON_UTF8, NDJSON, Exchange
-from tests.support.standin.gojson import encode, go_quote
+from tests.support.standin.gojson import GoType, encode, go_quote
 from tests.support.standin.models import canonical_name
 from tests.support.standin.native import bind_native, native_error
 from tests.support.standin.router import Handler
@@ -51,9 +51,18 @@ async def unmodelled(exchange: Exchange, params: Mapping[str, str]) -> None:
     await native_error(exchange, 501, "not modelled by the Ollama stand-in")
 
 
-async def _progress(
-    exchange: Exchange, steps: list[dict[str, Any]], *, stream: bool, error: str | None
-) -> None:
+#: A progress reply's NDJSON lines, in order.
+_Steps = list[dict[str, Any]]
+#: The steps one model's pull/push/create goes through, and the error that ends it, if any.
+_Outcome = tuple[_Steps, str | None]
+
+
+def _statuses(*texts: str) -> _Steps:
+    """Progress steps that carry only a status text."""
+    return [{"status": text} for text in texts]
+
+
+async def _progress(exchange: Exchange, steps: _Steps, *, stream: bool, error: str | None) -> None:
     """Ollama's progress reply: NDJSON steps (error as the last line), or just the outcome."""
     if stream:
         lines = [encode(step) + b"\n" for step in steps]
@@ -67,6 +76,42 @@ async def _progress(
         await native_error(exchange, 500, error)
     else:
         await exchange.respond(200, encode(steps[-1]), content_type=JSON_UTF8)
+
+
+def _model_name(fields: Mapping[str, Any]) -> str:
+    # `model`, or the deprecated `name` these requests still accept.
+    name: str = fields.get("model") or fields.get("name") or ""
+    return name
+
+
+async def _model_progress(
+    exchange: Exchange, gotype: GoType, outcome_for: Callable[[str], _Outcome]
+) -> None:
+    """Pull, push and create: bind, refuse an invalid name, then report `outcome_for(name)`."""
+    fields = await bind_native(exchange, gotype)
+    if fields is None:
+        return
+    name = _model_name(fields)
+    if canonical_name(name) is None:
+        await native_error(exchange, 400, "invalid model name")
+        return
+    steps, error = outcome_for(name)
+    # Like inference, these stream unless `stream` is an explicit false.
+    await _progress(exchange, steps, stream=fields.get("stream") is not False, error=error)
+
+
+def _create_outcome(body: bytes) -> _Outcome:
+    # The body's hash stands in for the layer a real create would find or write.
+    layer = hashlib.sha256(body).hexdigest()
+    return _statuses(f"using existing layer sha256:{layer}", "writing manifest", "success"), None
+
+
+async def _blob_key(exchange: Exchange, digest: str) -> str | None:
+    """`sha256:<hex>` for the path's digest (`-` or `:` separated); else answers 400."""
+    if not _DIGEST.fullmatch(digest):
+        await native_error(exchange, 400, "invalid digest format")
+        return None
+    return digest.replace("-", ":", 1)
 
 
 class MutationApi:
@@ -92,62 +137,37 @@ class MutationApi:
 
     async def pull(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Pretend to download a model (only known models "exist" upstream)."""
-        fields = await bind_native(exchange, PULL_REQUEST)
-        if fields is None:
-            return
-        name = fields.get("model") or fields.get("name") or ""
-        if canonical_name(name) is None:
-            await native_error(exchange, 400, "invalid model name")
-            return
-        steps: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        await _model_progress(exchange, PULL_REQUEST, self._pull_outcome)
+
+    def _pull_outcome(self, name: str) -> _Outcome:
+        steps = _statuses("pulling manifest")
         card = self._state.catalogue.find(name)
-        error = None if card else "pull model manifest: file does not exist"
-        if card is not None:
-            steps += [
-                {
-                    "status": f"pulling {card.digest[:12]}",
-                    "digest": f"sha256:{card.digest}",
-                    "total": card.size,
-                    "completed": card.size,
-                },
-                {"status": "verifying sha256 digest"},
-                {"status": "writing manifest"},
-                {"status": "success"},
-            ]
-        await _progress(exchange, steps, stream=fields.get("stream") is not False, error=error)
+        if card is None:
+            return steps, "pull model manifest: file does not exist"
+        layer = {
+            "status": f"pulling {card.digest[:12]}",
+            "digest": f"sha256:{card.digest}",
+            "total": card.size,
+            "completed": card.size,
+        }
+        done = _statuses("verifying sha256 digest", "writing manifest", "success")
+        return [*steps, layer, *done], None
 
     async def push(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Pretend to upload a model."""
-        fields = await bind_native(exchange, PUSH_REQUEST)
-        if fields is None:
-            return
-        name = fields.get("model") or fields.get("name") or ""
-        if canonical_name(name) is None:
-            await native_error(exchange, 400, "invalid model name")
-            return
-        steps: list[dict[str, Any]] = [{"status": "retrieving manifest"}]
-        card = self._state.catalogue.find(name)
-        error = None if card else f"model '{name}' not found"
-        if card is not None:
-            steps += [{"status": "pushing manifest"}, {"status": "success"}]
-        await _progress(exchange, steps, stream=fields.get("stream") is not False, error=error)
+        await _model_progress(exchange, PUSH_REQUEST, self._push_outcome)
+
+    def _push_outcome(self, name: str) -> _Outcome:
+        steps = _statuses("retrieving manifest")
+        if self._state.catalogue.find(name) is None:
+            return steps, f"model '{name}' not found"
+        return [*steps, *_statuses("pushing manifest", "success")], None
 
     async def create(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Pretend to create a model (nothing is added to the list)."""
-        fields = await bind_native(exchange, CREATE_REQUEST)
-        if fields is None:
-            return
-        name = fields.get("model") or fields.get("name") or ""
-        if canonical_name(name) is None:
-            await native_error(exchange, 400, "invalid model name")
-            return
-        layer = hashlib.sha256(exchange.body).hexdigest()
-        steps: list[dict[str, Any]] = [
-            {"status": f"using existing layer sha256:{layer}"},
-            {"status": "writing manifest"},
-            {"status": "success"},
-        ]
-        await _progress(exchange, steps, stream=fields.get("stream") is not False, error=None)
+        await _model_progress(
+            exchange, CREATE_REQUEST, lambda _name: _create_outcome(exchange.body)
+        )
 
     async def copy(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """200 with an empty body when the source exists."""
@@ -169,7 +189,7 @@ class MutationApi:
         fields = await bind_native(exchange, DELETE_REQUEST)
         if fields is None:
             return
-        name = fields.get("model") or fields.get("name") or ""
+        name = _model_name(fields)
         if canonical_name(name) is None:
             await native_error(exchange, 400, f"name {go_quote(name)} is invalid")
         elif self._state.catalogue.find(name) is None:
@@ -180,13 +200,13 @@ class MutationApi:
     async def create_blob(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Accept a blob whose body matches its digest: 201 (200 if already present)."""
         digest = params["digest"]
-        if not _DIGEST.fullmatch(digest):
-            await native_error(exchange, 400, "invalid digest format")
+        key = await _blob_key(exchange, digest)
+        if key is None:
             return
         actual = "sha256:" + hashlib.sha256(exchange.body).hexdigest()
-        if digest.replace("-", ":", 1) in self._blobs:
+        if key in self._blobs:
             await exchange.respond(200)
-        elif actual != digest.replace("-", ":", 1):
+        elif actual != key:
             await native_error(
                 exchange,
                 400,
@@ -199,9 +219,10 @@ class MutationApi:
     async def head_blob(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """200 if a blob with this digest was uploaded, else 404."""
         digest = params["digest"]
-        if not _DIGEST.fullmatch(digest):
-            await native_error(exchange, 400, "invalid digest format")
-        elif digest.replace("-", ":", 1) in self._blobs:
+        key = await _blob_key(exchange, digest)
+        if key is None:
+            return
+        if key in self._blobs:
             await exchange.respond(200)
         else:
             await native_error(exchange, 404, f"blob {go_quote(digest)} not found")

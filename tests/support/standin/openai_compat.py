@@ -19,11 +19,7 @@ from typing import Any, Final
 from tests.support.standin.embedder import embed_inputs, parse_inputs
 from tests.support.standin.exchange import JSON, JSON_UTF8, Exchange
 from tests.support.standin.gojson import BindError, GoType, bind, encode
-from tests.support.standin.inference import (
-    Refusal,
-    prepare_chat,
-    prepare_generate,
-)
+from tests.support.standin.inference import Job, Refusal, prepare_chat, prepare_generate
 from tests.support.standin.models import namespace_of
 from tests.support.standin.openai_render import ChatRenderer, CompletionRenderer, openai_error
 from tests.support.standin.playback import play
@@ -173,6 +169,23 @@ class OpenAIApi:
             await _middleware_error(exchange, str(exc))
             return None
 
+    async def _answer(
+        self,
+        exchange: Exchange,
+        request: Mapping[str, Any],
+        job: Job | Refusal,
+        renderer: type[ChatRenderer | CompletionRenderer],
+    ) -> None:
+        """Play a prepared job in OpenAI's shape; a refusal goes out through the writer."""
+        if isinstance(job, Refusal):
+            await _writer_error(exchange, job.status, job.message)
+            return
+        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        stream = bool(request.get("stream"))
+        await play(
+            exchange, self._state, job, renderer(job, stream=stream, include_usage=include_usage)
+        )
+
     async def chat_completions(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Chat, as a chat.completion object or an SSE stream of chunks."""
         request = await self._bind(exchange, OPENAI_CHAT_REQUEST)
@@ -188,22 +201,16 @@ class OpenAIApi:
         except _InvalidRequest as exc:
             await _middleware_error(exchange, str(exc))
             return
-        stream = bool(request.get("stream"))
         fields = {
             "model": request.get("model") or "",
-            "stream": stream,
+            "stream": bool(request.get("stream")),
             "options": _options(request),
             "format": _format(request),
             "tools": request.get("tools"),
             "think": think,
         }
         job = prepare_chat(self._state, fields, turns)
-        if isinstance(job, Refusal):
-            await _writer_error(exchange, job.status, job.message)
-            return
-        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        renderer = ChatRenderer(job, stream=stream, include_usage=include_usage)
-        await play(exchange, self._state, job, renderer)
+        await self._answer(exchange, request, job, ChatRenderer)
 
     async def completions(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Legacy text completion, as an object or an SSE stream."""
@@ -217,21 +224,15 @@ class OpenAIApi:
                     message = f"invalid type for 'stop' field: {_go_type_name(item)}"
                     await _middleware_error(exchange, message)
                     return
-        stream = bool(request.get("stream"))
         fields = {
             "model": request.get("model") or "",
             "prompt": request.get("prompt") or "",
             "suffix": request.get("suffix") or "",
-            "stream": stream,
+            "stream": bool(request.get("stream")),
             "options": _options(request),
         }
         job = prepare_generate(self._state, fields)
-        if isinstance(job, Refusal):
-            await _writer_error(exchange, job.status, job.message)
-            return
-        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        renderer = CompletionRenderer(job, stream=stream, include_usage=include_usage)
-        await play(exchange, self._state, job, renderer)
+        await self._answer(exchange, request, job, CompletionRenderer)
 
     async def embeddings(self, exchange: Exchange, params: Mapping[str, str]) -> None:
         """Embeddings as an OpenAI list (floats, or base64 float32 if asked)."""

@@ -6,9 +6,10 @@ Chunks are assembled from pre-encoded pieces: they go out once per token, and a 
 
 from __future__ import annotations
 
+import abc
 import random
 import time
-from typing import Final
+from typing import Any, ClassVar, Final
 
 from tests.support.standin.exchange import JSON, SSE
 from tests.support.standin.gojson import encode
@@ -37,18 +38,63 @@ def _usage(prompt: int, completion: int) -> bytes:
     )
 
 
-class ChatRenderer:
-    """chat.completion objects and chat.completion.chunk events."""
+class _OpenAIRenderer(abc.ABC):
+    """What both OpenAI surfaces share: the reply's id, token encodings, whole objects, errors."""
 
     stream_content_type = SSE
+    #: The reply id's prefix and the `object` of a non-streamed reply.
+    _ID_PREFIX: ClassVar[str]
+    _OBJECT: ClassVar[str]
 
     def __init__(self, job: Job, *, stream: bool, include_usage: bool) -> None:
         self._job = job
         self._stream = stream
         self._include_usage = include_usage
-        self._id = f"chatcmpl-{random.randrange(999)}"
+        self._id = f"{self._ID_PREFIX}-{random.randrange(999)}"
         self._created = int(time.time())
-        head = encode(
+        self._tokens = job.reply.encoded if job.reply is not None else ()
+
+    @abc.abstractmethod
+    def _choice(self, text: str, reason: str) -> dict[str, Any]:
+        """The single `choices` entry of a non-streamed reply."""
+
+    def _completion(self, text: str, reason: str, completion_tokens: int) -> bytes:
+        # json.Encoder's line, with `usage` (always there when not streamed) last.
+        body = {
+            "id": self._id,
+            "object": self._OBJECT,
+            "created": int(time.time()),
+            "model": self._job.requested,
+            "system_fingerprint": "fp_ollama",
+            "choices": [self._choice(text, reason)],
+        }
+        usage = _usage(self._job.prompt_tokens, completion_tokens)
+        return encode(body)[:-1] + b',"usage":' + usage + b"}\n"
+
+    def whole(self, generation: Generation) -> tuple[bytes, bytes]:
+        """(content type, body) of the non-streamed reply."""
+        text = "".join(self._job.text_tokens)
+        return JSON, self._completion(text, self._job.done_reason, generation.emitted)
+
+    def error(self, status: int, message: str, *, streaming: bool) -> tuple[bytes, bytes]:
+        """(content type, body) of an error, as the OpenAI writer sends it."""
+        return JSON, openai_error(status, message) + b"\n"
+
+
+def _event_head(fields: dict[str, Any]) -> bytes:
+    # `data: ` and the fields every event of a reply starts with, the object left open.
+    return b"data: " + encode(fields)[:-1]
+
+
+class ChatRenderer(_OpenAIRenderer):
+    """chat.completion objects and chat.completion.chunk events."""
+
+    _ID_PREFIX = "chatcmpl"
+    _OBJECT = "chat.completion"
+
+    def __init__(self, job: Job, *, stream: bool, include_usage: bool) -> None:
+        super().__init__(job, stream=stream, include_usage=include_usage)
+        self._head = _event_head(
             {
                 "id": self._id,
                 "object": "chat.completion.chunk",
@@ -57,8 +103,6 @@ class ChatRenderer:
                 "system_fingerprint": "fp_ollama",
             }
         )
-        self._head = b"data: " + head[:-1]
-        self._tokens = job.reply.encoded if job.reply is not None else ()
 
     def chunk(self, index: int) -> bytes:
         # Only the first delta names the role (as in the fact sheet's sequence).
@@ -86,53 +130,32 @@ class ChatRenderer:
         # The error line decodes as an empty chat response: an empty delta, no [DONE].
         return self._head + b',"choices":[{"index":0,"delta":{},"finish_reason":null}]}\n\n'
 
-    def _completion(self, content: str, reason: str, completion_tokens: int) -> bytes:
-        body = {
-            "id": self._id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self._job.requested,
-            "system_fingerprint": "fp_ollama",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": reason,
-                }
-            ],
+    def _choice(self, text: str, reason: str) -> dict[str, Any]:
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": reason,
         }
-        usage = _usage(self._job.prompt_tokens, completion_tokens)
-        return encode(body)[:-1] + b',"usage":' + usage + b"}\n"
-
-    def whole(self, generation: Generation) -> tuple[bytes, bytes]:
-        text = "".join(self._job.text_tokens)
-        return JSON, self._completion(text, self._job.done_reason, generation.emitted)
-
-    def error(self, status: int, message: str, *, streaming: bool) -> tuple[bytes, bytes]:
-        return JSON, openai_error(status, message) + b"\n"
 
     def preload(self) -> tuple[bytes, bytes]:
         return JSON, self._completion("", self._job.preload or "load", 0)
 
 
-class CompletionRenderer:
+class CompletionRenderer(_OpenAIRenderer):
     """text_completion objects and events (every event carries a zero usage if asked)."""
 
-    stream_content_type = SSE
+    _ID_PREFIX = "cmpl"
+    _OBJECT = "text_completion"
 
     def __init__(self, job: Job, *, stream: bool, include_usage: bool) -> None:
-        self._job = job
-        self._stream = stream
-        self._include_usage = include_usage
-        self._id = f"cmpl-{random.randrange(999)}"
-        self._created = int(time.time())
-        head = encode({"id": self._id, "object": "text_completion", "created": self._created})
-        self._head = b"data: " + head[:-1]
+        super().__init__(job, stream=stream, include_usage=include_usage)
+        self._head = _event_head(
+            {"id": self._id, "object": "text_completion", "created": self._created}
+        )
         self._tail = b',"model":' + encode(job.requested) + _FINGERPRINT
         if include_usage:
             self._tail += _ZERO_USAGE
         self._tail += b"}\n\n"
-        self._tokens = job.reply.encoded if job.reply is not None else ()
 
     def _event(self, text: bytes, reason: bytes) -> bytes:
         return (
@@ -169,24 +192,8 @@ class CompletionRenderer:
     def midstream_error(self) -> bytes:
         return self._event(b'""', b"null")
 
-    def _completion(self, text: str, reason: str, completion_tokens: int) -> bytes:
-        body = {
-            "id": self._id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self._job.requested,
-            "system_fingerprint": "fp_ollama",
-            "choices": [{"text": text, "index": 0, "finish_reason": reason}],
-        }
-        usage = _usage(self._job.prompt_tokens, completion_tokens)
-        return encode(body)[:-1] + b',"usage":' + usage + b"}\n"
-
-    def whole(self, generation: Generation) -> tuple[bytes, bytes]:
-        text = "".join(self._job.text_tokens)
-        return JSON, self._completion(text, self._job.done_reason, generation.emitted)
-
-    def error(self, status: int, message: str, *, streaming: bool) -> tuple[bytes, bytes]:
-        return JSON, openai_error(status, message) + b"\n"
+    def _choice(self, text: str, reason: str) -> dict[str, Any]:
+        return {"text": text, "index": 0, "finish_reason": reason}
 
     def preload(self) -> tuple[bytes, bytes]:
         # An empty prompt: Ollama's load answer passed through the completion writer.
