@@ -39,6 +39,8 @@ _DECISION_FIELDS: Final = (
 )
 #: A rough, deliberately generous characters-per-token ratio for sizing prompts.
 _CHARS_PER_TOKEN: Final = 3
+#: Where message and content-part objects keep their text.
+_TEXT_FIELDS: Final = ("content", "text", "thinking")
 _PER_MESSAGE_TOKENS: Final = 4
 
 
@@ -84,12 +86,18 @@ _FOLDED_FIELDS: Final = {go_fold(f): f for f in _DECISION_FIELDS}
 
 
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise BodyError(f"duplicate key {key!r} in request body")
-        seen[key] = value
-    return seen
+    # Go decodes a repeated object key into the value it already holds (a repeated
+    # `options` merges), Python replaces it: refused anywhere, not guessed at. The dict is
+    # built in C and the pairs walked only when it came out shorter (long chats have
+    # hundreds of objects).
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BodyError(f"duplicate key {key!r} in request body")
+            seen.add(key)
+    return result
 
 
 def _refuse_constant(name: str) -> Any:
@@ -151,13 +159,21 @@ def _stream_flag(body: dict[str, Any], *, default: bool) -> bool:
 
 def _text_chars(value: Any) -> int:
     """Characters of prompt text in a field, walking message and content-part shapes."""
-    if isinstance(value, str):
+    # Exact type checks and loops instead of isinstance() and sum(generator): a long
+    # chat walks this for every message. Decoded JSON has no subclasses.
+    kind = type(value)
+    if kind is str:
         return len(value)
-    if isinstance(value, list):
-        return sum(_text_chars(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_text_chars(value.get(k)) for k in ("content", "text", "thinking"))
-    return 0
+    total = 0
+    if kind is list:
+        for item in value:
+            total += len(item) if type(item) is str else _text_chars(item)
+    elif kind is dict:
+        for name in _TEXT_FIELDS:
+            part = value.get(name)
+            if part is not None:
+                total += len(part) if type(part) is str else _text_chars(part)
+    return total
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:

@@ -123,9 +123,10 @@ def _hit_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
     """Decisions per second and latency for hits (concurrency 1 and N) and for misses.
 
-    Hits are measured twice: for the benchmark's tenant, which has no limits (admission
-    keeps only its budget counters), and for a tenant with every limit set (all windows
-    and leases), so both costs of the admission script are on record.
+    Hits are measured for the benchmark's tenant, which has no limits (admission keeps
+    only its budget counters), for a tenant with every limit set (all windows and
+    leases), so both costs of the admission script are on record, and for a long
+    conversation (~64 KiB body), where decoding and reading the body dominate.
     """
     socket_path = str(rig.stack.policyd_socket)
 
@@ -140,11 +141,17 @@ def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
     def limited(_: int) -> bytes:
         return work.authz_request(key=limited_key)
 
+    long_chat = work.long_chat()
+
+    def long(_: int) -> bytes:
+        return work.authz_request(body=long_chat)
+
     asyncio.run(closed_loop(connect, hit, concurrency=2, duration_s=plan.warmup_s))
     asyncio.run(closed_loop(connect, limited, concurrency=2, duration_s=plan.warmup_s))
     runs_before = argon2_runs(rig)
     hits = _hits(rig, plan, hit)
     limited_hits = _hits(rig, plan, limited)
+    long_hits = _hits(rig, plan, long)
     hit_argon2 = _delta(argon2_runs(rig), runs_before)
 
     # Misses: keys policyd has never seen. Making them runs Argon2id in *this* process.
@@ -165,6 +172,7 @@ def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
         "concurrency": plan.policyd_concurrency,
         "hit": {**_hit_summary(hits), "argon2_runs": hit_argon2},
         "hit_limited": _hit_summary(limited_hits),
+        "hit_long_chat": {**_hit_summary(long_hits), "body_bytes": len(long_chat)},
         "miss": {
             "keys": len(fresh),
             "latency_ms": summary(misses.latencies_ms),

@@ -163,7 +163,12 @@ def render_table(results: Mapping[str, Any]) -> str:
             "3. policyd alone over its unix socket; cpu = policyd + Redis CPU ms per decision"
         )
         hit_rows = []
-        for label, case in (("hit", hit), ("hit, every limit set", alone.get("hit_limited"))):
+        cases = (
+            ("hit", hit),
+            ("hit, every limit set", alone.get("hit_limited")),
+            ("hit, 64 KiB chat", alone.get("hit_long_chat")),
+        )
+        for label, case in cases:
             if not case:
                 continue
             cpu = case["cpu_ms_per_decision"]

@@ -64,6 +64,7 @@ def test_every_request_succeeded(smoke: dict[str, Any]) -> None:
         assert target["tokens_per_stream"] > 1
     assert smoke["scenarios"]["policyd"]["hit"]["failures"] == 0
     assert smoke["scenarios"]["policyd"]["hit_limited"]["failures"] == 0
+    assert smoke["scenarios"]["policyd"]["hit_long_chat"]["failures"] == 0
 
 
 def test_argon2_runs_only_for_keys_policyd_has_not_seen(smoke: dict[str, Any]) -> None:

@@ -18,6 +18,9 @@ _MODEL: Final = "llama3.2"
 _PROMPT: Final = [{"role": "user", "content": "Say hi."}]
 #: Small replies: the benchmark is about the gateway, not about moving tokens.
 _REPLY_TOKENS: Final = 8
+#: The long conversation of scenario 3: 128 turns of ~500 characters.
+_LONG_CHAT_TURNS: Final = 128
+_TURN_TEXT: Final = "Turn {}: " + "a sentence of ordinary prose in a long conversation. " * 9
 
 
 def _json(value: object) -> bytes:
@@ -42,6 +45,16 @@ class Workload:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+
+    @staticmethod
+    def long_chat() -> bytes:
+        """A native chat carrying a long conversation (~64 KiB): policyd decodes and reads
+        the whole body on every request, so this is where its cost grows."""
+        turns = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": _TURN_TEXT.format(i)}
+            for i in range(_LONG_CHAT_TURNS)
+        ]
+        return _json({"model": _MODEL, "messages": turns, "options": {"num_predict": 64}})
 
     def small(self) -> list[tuple[str, str, bytes]]:
         """(method, path, body) of the two small non-streamed requests, used in turn."""
@@ -68,8 +81,8 @@ class Workload:
         host = f"{target.host}:{target.port}"
         return build_request("POST", "/api/chat", host=host, headers=self.headers, body=body)
 
-    def authz_request(self, *, key: str | None = None) -> bytes:
-        """What Caddy's forward_auth sends policyd for the small native chat."""
+    def authz_request(self, *, key: str | None = None, body: bytes | None = None) -> bytes:
+        """What Caddy's forward_auth sends policyd for a native chat (the small one by default)."""
         return build_request(
             "GET",
             "/authz?",
@@ -78,7 +91,7 @@ class Workload:
                 "Authorization": f"Bearer {key or self.key}",
                 "X-Forwarded-Method": "POST",
                 "X-Forwarded-Uri": "/api/chat",
-                "X-Nz-Body": base64.b64encode(self.native).decode(),
+                "X-Nz-Body": base64.b64encode(self.native if body is None else body).decode(),
                 # Admission refuses a repeated request id, as Caddy never sends one twice.
                 "X-Request-Id": str(uuid.uuid4()),
             },

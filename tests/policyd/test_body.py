@@ -170,3 +170,44 @@ def test_arbitrary_objects_never_crash_the_reader(obj: dict[str, object]) -> Non
     """Any JSON object is either read or refused with BodyError, never another error."""
     with contextlib.suppress(BodyError):
         read_body(json.dumps(obj).encode(), surface=OLLAMA, kind=GEN)
+
+
+def _reference_chars(value: object) -> int:
+    # The estimate's definition, written plainly: text in strings, lists, and the
+    # content/text/thinking fields of objects.
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_reference_chars(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_reference_chars(value.get(k)) for k in ("content", "text", "thinking"))
+    return 0
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(["content", "text", "thinking", "role", "x"]), inner)
+    ),
+    max_leaves=20,
+)
+
+
+@given(messages=st.lists(_JSON_VALUES, max_size=6), prompt=_JSON_VALUES)
+def test_prompt_estimate_counts_text_anywhere(messages: list[object], prompt: object) -> None:
+    """The estimate counts every text the definition names, in any shape a client sends."""
+    body = {"model": "m", "messages": messages, "prompt": prompt}
+    chars = _reference_chars(messages) + _reference_chars(prompt)
+    expected = -(-chars // 3) + 4 * len(messages)
+    assert facts(body).prompt_tokens == expected  # type: ignore[attr-defined]
+
+
+def test_a_duplicate_deep_in_a_long_chat_is_refused() -> None:
+    """Duplicate keys are found in any object, not only the first ones."""
+    messages = [{"role": "user", "content": f"turn {i}"} for i in range(300)]
+    raw = json.dumps({"model": "m", "messages": messages}).encode()
+    assert read_body(raw, surface=OLLAMA, kind=GEN).prompt_tokens > 0
+    broken = raw.replace(b'"content": "turn 250"', b'"content": "turn 250", "role": "x"')
+    with pytest.raises(BodyError, match="duplicate key 'role'"):
+        read_body(broken, surface=OLLAMA, kind=GEN)

@@ -6,6 +6,8 @@ import base64
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from policyd.contract import H_GRANT, Surface, parse_grant
 from policyd.decide import (
@@ -47,6 +49,25 @@ def test_caddy_error_text_in_the_body_header_means_too_large() -> None:
     assert isinstance(found, Refusal)
     assert found.reason is Reason.TOO_LARGE
     assert found.status == 413
+
+
+@settings(max_examples=300)
+@given(
+    st.text(alphabet="ABCDabcd0123+/=- \n\t!\u00e9", max_size=24)
+    | st.binary(max_size=18).map(lambda raw: base64.b64encode(raw).decode())
+)
+def test_body_header_is_as_strict_as_the_standard_decoder(value: str) -> None:
+    """The fast decoder accepts exactly what `base64.b64decode(validate=True)` accepts."""
+    try:
+        expected: bytes | None = base64.b64decode(value, validate=True)
+    except ValueError:  # binascii.Error included
+        expected = None
+    found = decode_body_header(value, max_body_bytes=LIMIT)
+    if expected is None:
+        assert isinstance(found, Refusal)
+        assert found.reason is Reason.TOO_LARGE
+    else:
+        assert found == expected
 
 
 def test_decoded_body_over_the_limit_is_too_large() -> None:
