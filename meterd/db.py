@@ -27,6 +27,11 @@ _SQLALCHEMY_ONLY: Final = ("prepared_statement_cache_size", "prepared_statement_
 #: the connection broke or could not be made (class 08), the server is shutting down,
 #: starting up or cancelled the statement (57), lacks resources (53), failed on I/O
 #: (58), or rolled the transaction back for a deadlock or serialization failure (40).
+#: InternalClientError too: when Postgres shuts down it tells idle connections so
+#: (57P01) before closing them, and a pooled connection taken in between refuses its
+#: next statement with "cannot switch to state …; another operation … is in progress"
+#: (seen in CI during a restart). meterd never shares a connection between tasks, so
+#: here it means that dying connection; the pool replaces it once the close arrives.
 PG_OUTAGES: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
@@ -34,6 +39,7 @@ PG_OUTAGES: Final = (
     asyncpg.exceptions.PostgresSystemError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 
 

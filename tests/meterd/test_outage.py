@@ -18,6 +18,10 @@ from meterd.daemon import is_outage
         asyncpg.exceptions.TooManyConnectionsError("too many clients"),
         asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
         asyncpg.exceptions.InterfaceError("connection is closed"),
+        # A pooled connection Postgres told it is shutting down, taken before it closed.
+        asyncpg.InternalClientError(
+            "cannot switch to state 11; another operation (2) is in progress"
+        ),
         ConnectionRefusedError(111, "refused"),
         TimeoutError(),
         redis_errors.ConnectionError("redis is gone"),
