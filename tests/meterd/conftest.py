@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg  # type: ignore[import-untyped]
+import attrs
 import pytest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from meterd.db import create_pool
+from meterd.settle import Store
 from meterd.settle_script import SettleScript
 from policyd.contract import load_script, settle_script, tenant_base
 from policyd.limits import Limiter
 from policyd.records import KeyRecord, Limits
 from policyd.schema import api_keys, tenants
+from tests.meterd import records
 
 __all__: list[str] = []
 
@@ -60,6 +64,36 @@ async def script(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[SettleS
     await built.aclose()
 
 
+@attrs.frozen(kw_only=True)
+class Stores:
+    """Postgres and Redis for one test, with the clients both meterd and the test use."""
+
+    #: The test's own view of the tables.
+    engine: AsyncEngine
+    #: meterd's pool on the same database.
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    script: SettleScript
+
+    def store(self, *, node: str = "node-a", script: SettleScript | None = None) -> Store:
+        """meterd's settlement store for one node, settling through `script` (or ours)."""
+        return records.store(self.pool, script or self.script, node=node)
+
+
+@pytest.fixture
+def stores(
+    engine: AsyncEngine, pool: asyncpg.Pool, redis: aioredis.Redis, script: SettleScript
+) -> Stores:
+    """Empty tables and an empty Redis, with every client a settlement test needs."""
+    return Stores(engine=engine, pool=pool, redis=redis, script=script)
+
+
+@pytest.fixture
+async def key(engine: AsyncEngine) -> KeyRecord:
+    """A fresh tenant and key (no prompt logging) in policyd's tables."""
+    return await create_key(engine)
+
+
 async def create_key(
     engine: AsyncEngine,
     *,
@@ -99,14 +133,36 @@ async def create_key(
     )
 
 
-def limiter(redis: aioredis.Redis) -> Limiter:
+#: Concurrency lease of the requests these tests admit.
+LEASE_S = 600
+
+
+def limiter(redis: aioredis.Redis, *, clock: Callable[[], float] = time.time) -> Limiter:
     """policyd's admission against this Redis; tenants load empty (nothing spent yet)."""
     source = load_script()
 
     async def load_empty(rec: KeyRecord) -> None:
         await redis.eval(source, 1, f"{tenant_base(rec.tenant_id)}loaded", 0)
 
-    return Limiter(redis=redis, load_tenant=load_empty, lease_ttl_s=600, timeout_s=5)
+    return Limiter(
+        redis=redis, load_tenant=load_empty, lease_ttl_s=LEASE_S, timeout_s=5, clock=clock
+    )
+
+
+async def admit(
+    redis: aioredis.Redis, key: KeyRecord, *, reserve: int, at: float | None = None
+) -> uuid.UUID:
+    """Admit one request through policyd's real admission script (at unix time `at`, or now).
+
+    Returns its request id; fails the test if admission refuses it.
+    """
+    clock = time.time if at is None else lambda: at
+    request_id = uuid.uuid4()
+    admission = await limiter(redis, clock=clock).admit(
+        key, request_id=str(request_id), reserve=reserve
+    )
+    assert admission.refusal is None
+    return request_id
 
 
 async def spent(redis: aioredis.Redis, record: KeyRecord) -> int:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 
-import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meterd.schema import audit_log, meter_calibration, prompt_log, usage_ledger
-from meterd.settle_script import SettleScript
 from meterd.usage import Calibration, CalibrationRow
 from meterd.writes import add_to_ledger, insert_audit, prune_expired_prompts
-from tests.meterd.conftest import create_key, leases, limiter, settler, spent
+from policyd.records import KeyRecord
+from tests.meterd.conftest import Stores, admit, create_key, leases, settler, spent
 from tests.meterd.records import batch as _batch
 from tests.meterd.records import exact as _exact
 from tests.meterd.records import position as _position
 from tests.meterd.records import record as _record
-from tests.meterd.records import store as _store
 
 
 async def _count(engine: AsyncEngine, table: sa.Table) -> int:
@@ -38,36 +35,24 @@ async def _ledger(engine: AsyncEngine) -> tuple[int, int, int]:
     return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
 
-async def test_a_batch_is_audited_and_ledgered_once(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_a_batch_is_audited_and_ledgered_once(stores: Stores, key: KeyRecord) -> None:
     """Settling the same batch twice writes each audit row and ledger figure once."""
-    key = await create_key(engine)
     batch = _batch(
         [_exact(key, 10, 5), _exact(key, 3, 7), _record(key, admitted=False, status=401)]
     )
-    store = _store(pool, script)
+    store = stores.store()
     first = await store.settle(batch, resume=_position(0))
     second = await store.settle(batch, resume=_position(0))
     assert (first.inserted, second.inserted) == (3, 0)
-    assert await _count(engine, audit_log) == 3
-    assert await _ledger(engine) == (2, 13, 12)
+    assert await _count(stores.engine, audit_log) == 3
+    assert await _ledger(stores.engine) == (2, 13, 12)
 
 
-async def test_audit_row_has_identity_and_never_the_key(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_audit_row_has_identity_and_never_the_key(stores: Stores, key: KeyRecord) -> None:
     """The audit row names key, tenant, endpoint and usage source; no secret, no prompt."""
-    key = await create_key(engine)
     record = _exact(key, 4, 2, path="/v1/chat/completions", req_body='{"secret prompt":1}')
-    await _store(pool, script).settle(_batch([record]), resume=_position(0))
-    async with engine.connect() as conn:
+    await stores.store().settle(_batch([record]), resume=_position(0))
+    async with stores.engine.connect() as conn:
         row = (await conn.execute(sa.select(audit_log))).one()._mapping
     assert str(row["key_id"]) == key.key_id
     assert str(row["tenant_id"]) == key.tenant_id
@@ -78,37 +63,27 @@ async def test_audit_row_has_identity_and_never_the_key(
 
 
 async def test_settlement_releases_the_lease_and_charges_actual_usage(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
+    stores: Stores, key: KeyRecord
 ) -> None:
     """After settling, the lease is gone and the budget holds actual, not reserved, tokens."""
-    key = await create_key(engine)
-    request_id = str(uuid.uuid4())
-    admission = await limiter(redis).admit(key, request_id=request_id, reserve=1000)
-    assert admission.refusal is None
+    redis = stores.redis
+    request_id = await admit(redis, key, reserve=1000)
     assert (await leases(redis, key), await spent(redis, key)) == (1, 1000)
-    record = _exact(key, 20, 80, request_id=request_id)
-    await _store(pool, script).settle(_batch([record]), resume=_position(0))
+    record = _exact(key, 20, 80, request_id=str(request_id))
+    await stores.store().settle(_batch([record]), resume=_position(0))
     assert (await leases(redis, key), await spent(redis, key)) == (0, 100)
 
 
 async def test_crash_between_commit_and_redis_is_settled_on_replay(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    redis_url: str,
-    pool: asyncpg.Pool,
-    script: SettleScript,
+    stores: Stores, key: KeyRecord
 ) -> None:
     """If Redis fails after the commit, replaying the batch settles Redis, ledger once."""
-    key = await create_key(engine)
-    request_id = str(uuid.uuid4())
-    assert (await limiter(redis).admit(key, request_id=request_id, reserve=500)).refusal is None
-    batch = _batch([_exact(key, 30, 20, request_id=request_id)])
+    engine, redis = stores.engine, stores.redis
+    request_id = await admit(redis, key, reserve=500)
+    batch = _batch([_exact(key, 30, 20, request_id=str(request_id))])
     dead = settler(redis, "redis://127.0.0.1:1/0", timeout_s=0.5)
     try:
-        await _store(pool, dead).settle(batch, resume=_position(0))
+        await stores.store(script=dead).settle(batch, resume=_position(0))
     except (aioredis.ConnectionError, OSError):
         pass
     else:
@@ -117,7 +92,7 @@ async def test_crash_between_commit_and_redis_is_settled_on_replay(
         await dead.aclose()
     assert await _ledger(engine) == (1, 30, 20)  # committed before Redis was tried
     assert await spent(redis, key) == 500
-    store = _store(pool, script)
+    store = stores.store()
     await store.load_checkpoint()  # a restarted meterd
     await store.settle(batch, resume=_position(0))
     await store.settle(batch, resume=_position(0))
@@ -127,73 +102,59 @@ async def test_crash_between_commit_and_redis_is_settled_on_replay(
 
 
 async def test_a_row_audited_meanwhile_by_another_node_is_counted_once(
-    engine: AsyncEngine, redis: aioredis.Redis, pool: asyncpg.Pool, script: SettleScript
+    stores: Stores, key: KeyRecord
 ) -> None:
     """A request another transaction audits while the batch is written is ledgered once."""
-    key = await create_key(engine)
     rival, mine = _exact(key, 7, 7), _exact(key, 5, 5)
-    async with pool.acquire() as other:
+    async with stores.pool.acquire() as other:
         rivals = other.transaction()
         await rivals.start()
         await insert_audit(other, [rival], node="node-b")
         await add_to_ledger(other, [rival])
         settling = asyncio.ensure_future(
-            _store(pool, script).settle(_batch([rival, mine]), resume=_position(0))
+            stores.store().settle(_batch([rival, mine]), resume=_position(0))
         )
         await asyncio.sleep(0.5)
         assert not settling.done()  # waiting for the rival's audit row to commit or not
         await rivals.commit()
         outcome = await settling
     assert outcome.inserted == 1
-    assert await _count(engine, audit_log) == 2
-    assert await _ledger(engine) == (2, 12, 12)
+    assert await _count(stores.engine, audit_log) == 2
+    assert await _ledger(stores.engine) == (2, 12, 12)
 
 
 async def test_rereading_old_lines_never_charges_redis_again(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
+    stores: Stores, key: KeyRecord
 ) -> None:
     """Lines settled before the checkpoint are not sent to Redis again, even without marks."""
-    key = await create_key(engine)
-    request_id = str(uuid.uuid4())
-    assert (await limiter(redis).admit(key, request_id=request_id, reserve=100)).refusal is None
-    batch = _batch([_exact(key, 5, 5, request_id=request_id)])
-    store = _store(pool, script)
+    redis = stores.redis
+    request_id = await admit(redis, key, reserve=100)
+    batch = _batch([_exact(key, 5, 5, request_id=str(request_id))])
+    store = stores.store()
     await store.settle(batch, resume=_position(0))
     await store.advance(_position(100))
     # The script's idempotency mark expires after two days; simulate that.
     await redis.delete(*[k async for k in redis.scan_iter(match="*done*")])
-    restarted = _store(pool, script)
+    restarted = stores.store()
     await restarted.load_checkpoint()
     await restarted.settle(batch, resume=_position(0))
     assert await spent(redis, key) == 10
 
 
-async def test_checkpoint_round_trips_unsigned_file_ids(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_checkpoint_round_trips_unsigned_file_ids(stores: Stores) -> None:
     """The stored checkpoint is exactly the position, per node and log path."""
-    store = _store(pool, script)
+    store = stores.store()
     assert await store.load_checkpoint() is None
     await store.settle(_batch([], offset=4242), resume=_position(1))
     assert await store.load_checkpoint() == _position(1)
     await store.advance(_position(4242))
     assert await store.load_checkpoint() == _position(4242)
-    assert await _store(pool, script, node="node-b").load_checkpoint() is None
+    assert await stores.store(node="node-b").load_checkpoint() is None
 
 
-async def test_prompts_are_stored_only_when_the_key_opted_in(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_prompts_are_stored_only_when_the_key_opted_in(stores: Stores) -> None:
     """Only flagged requests of keys whose policy is on keep their body, with its expiry."""
+    engine = stores.engine
     opted = await create_key(engine, prompt_logging=True, retention_days=7)
     inherited = await create_key(engine, tenant_prompt_logging=True)
     turned_off = await create_key(engine, prompt_logging=False, tenant_prompt_logging=True)
@@ -204,7 +165,7 @@ async def test_prompts_are_stored_only_when_the_key_opted_in(
         _exact(turned_off, 1, 1, prompt_log=True, req_body='{"prompt":"switched off"}'),
         _exact(opted, 1, 1, prompt_log=True, req_body="x" * 100 + "é"),
     ]
-    await _store(pool, script).settle(_batch(records), resume=_position(0))
+    await stores.store().settle(_batch(records), resume=_position(0))
     async with engine.connect() as conn:
         rows = (await conn.execute(sa.select(prompt_log))).all()
     stored = {row.body: row for row in rows}
@@ -218,11 +179,9 @@ async def test_prompts_are_stored_only_when_the_key_opted_in(
     assert stored["x" * 64].truncated
 
 
-async def test_expired_prompts_are_pruned(
-    engine: AsyncEngine, redis: aioredis.Redis, pool: asyncpg.Pool, script: SettleScript
-) -> None:
+async def test_expired_prompts_are_pruned(stores: Stores) -> None:
     """Pruning deletes prompts past their expiry and keeps the others."""
-    key = await create_key(engine, prompt_logging=True, retention_days=1)
+    key = await create_key(stores.engine, prompt_logging=True, retention_days=1)
     old = _exact(
         key,
         1,
@@ -232,19 +191,16 @@ async def test_expired_prompts_are_pruned(
         ts=(dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).timestamp(),
     )
     new = _exact(key, 1, 1, prompt_log=True, req_body="new")
-    await _store(pool, script).settle(_batch([old, new]), resume=_position(0))
-    assert await prune_expired_prompts(pool) == 1
-    async with engine.connect() as conn:
+    await stores.store().settle(_batch([old, new]), resume=_position(0))
+    assert await prune_expired_prompts(stores.pool) == 1
+    async with stores.engine.connect() as conn:
         assert (await conn.execute(sa.select(prompt_log.c.body))).scalars().all() == ["new"]
 
 
-async def test_calibration_is_stored_as_learnt(
-    engine: AsyncEngine, redis: aioredis.Redis, pool: asyncpg.Pool, script: SettleScript
-) -> None:
+async def test_calibration_is_stored_as_learnt(stores: Stores, key: KeyRecord) -> None:
     """What the database accumulates equals what one process learns, observation by one."""
-    key = await create_key(engine)
     records = [_exact(key, 10 + n, 5 + n, bytes_read=100 + 10 * n) for n in range(5)]
-    store = _store(pool, script)
+    store = stores.store()
     await store.settle(_batch(records[:2]), resume=_position(0))
     await store.settle(_batch(records[2:], offset=200), resume=_position(100))
     local = Calibration()
@@ -256,5 +212,5 @@ async def test_calibration_is_stored_as_learnt(
     for name, row in local.rows().items():
         for field in ("weight", "prompt_cross", "content_bytes", "completion_tokens"):
             assert abs(getattr(stored[name], field) - getattr(row, field)) < 1e-6, field
-    assert await _count(engine, meter_calibration) == 1
+    assert await _count(stores.engine, meter_calibration) == 1
     assert isinstance(next(iter(stored.values())), CalibrationRow)

@@ -1,4 +1,10 @@
-"""Reservations whose log line never arrives: charged as reserved once, flagged, on any node."""
+"""Reservations whose log line never arrives: charged as reserved once, flagged, on any node.
+
+Once a test has started the session's stack, its meterd (node "local", default grace)
+sweeps the same Redis every minute. So that it never sweeps a reservation first, each
+reservation here is overdue only for the sweeper under test: the in-process sweepers run
+on a clock set ahead of the admissions, and the daemon under test has a shorter grace.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -19,19 +24,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meterd.health import heartbeat_key, read_beat
 from meterd.schema import audit_log, usage_ledger
 from meterd.settings import load_settings
-from meterd.settle_script import SettleScript
 from meterd.sweep import MISSING_LINE, Sweeper, hold_off_s, parse_reservation
 from meterd.usage import Source
 from meterd.writes import insert_audit
-from policyd.contract import load_script, redis_reservation, tenant_base
-from policyd.limits import Limiter
+from policyd.contract import redis_reservation
 from policyd.records import KeyRecord
-from tests.meterd.conftest import create_key, leases, spent
+from tests.meterd.conftest import LEASE_S, Stores, admit, leases, spent
 from tests.meterd.process import Meterd
-from tests.meterd.records import batch, exact, position, store
+from tests.meterd.records import batch, exact, position
 
-_LEASE_S = 600
+#: The grace of the in-process sweepers, as meterd's default.
 _GRACE_S = 120
+#: The daemon under test's grace: far below the default of any other meterd on this Redis.
+_DAEMON_GRACE_S = 5
+#: How long ago the daemon test's reservation lost its lease: past the daemon's grace (with
+#: room for a hold-off), well within the default one for the whole of the test.
+_DAEMON_OVERDUE_S = 60
 
 
 class _Clock:
@@ -44,28 +52,21 @@ class _Clock:
         return self.now
 
 
-async def _admit(
-    redis: aioredis.Redis, key: KeyRecord, *, at: float, reserve: int = 700
-) -> uuid.UUID:
-    """Admit one request through policyd's real admission script at time `at`."""
-    source = load_script()
+def _past_grace(admitted: float, *, by: float) -> _Clock:
+    """A clock `by` seconds after the lease of a request admitted at `admitted` plus the grace."""
+    return _Clock(admitted + LEASE_S + _GRACE_S + by)
 
-    async def load_empty(rec: KeyRecord) -> None:
-        await redis.eval(source, 1, f"{tenant_base(rec.tenant_id)}loaded", 0)
 
-    limiter = Limiter(
-        redis=redis, load_tenant=load_empty, lease_ttl_s=_LEASE_S, timeout_s=5, clock=lambda: at
+def _sweeper(stores: Stores, clock: _Clock, node: str = "node-a") -> Sweeper:
+    return Sweeper(
+        stores.pool,
+        stores.redis,
+        stores.script,
+        node=node,
+        grace_s=_GRACE_S,
+        scan_count=3,
+        clock=clock,
     )
-    request_id = uuid.uuid4()
-    admission = await limiter.admit(key, request_id=str(request_id), reserve=reserve)
-    assert admission.refusal is None
-    return request_id
-
-
-def _sweeper(
-    pool: asyncpg.Pool, redis: aioredis.Redis, script: SettleScript, clock: _Clock, node: str
-) -> Sweeper:
-    return Sweeper(pool, redis, script, node=node, grace_s=_GRACE_S, scan_count=3, clock=clock)
 
 
 async def _audit_rows(engine: AsyncEngine) -> list[sa.Row[tuple[object, ...]]]:
@@ -86,20 +87,15 @@ async def _reserved(redis: aioredis.Redis, key: KeyRecord, request_id: uuid.UUID
     return bool(await redis.exists(redis_reservation(key.tenant_id, str(request_id))))
 
 
-async def test_overdue_reservation_is_swept_once(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_overdue_reservation_is_swept_once(stores: Stores, key: KeyRecord) -> None:
     """An expired reservation becomes a 'reserved' audit row and ledger entry; a fresh one stays."""
-    key = await create_key(engine)
-    now = time.time()
-    fresh = await _admit(redis, key, at=now - 5)
-    admitted_at = int(now - _LEASE_S - _GRACE_S - 30)
-    overdue = await _admit(redis, key, at=admitted_at + 0.4, reserve=900)
+    engine, redis = stores.engine, stores.redis
+    admitted_at = int(time.time())
+    clock = _past_grace(admitted_at, by=30)
+    fresh = await admit(redis, key, at=clock.now - 5, reserve=700)
+    overdue = await admit(redis, key, at=admitted_at + 0.4, reserve=900)
     budget = await spent(redis, key)
-    sweeper = _sweeper(pool, redis, script, _Clock(now), "node-a")
+    sweeper = _sweeper(stores, clock)
 
     assert await sweeper.sweep() == 1
 
@@ -122,22 +118,17 @@ async def test_overdue_reservation_is_swept_once(
     assert await leases(redis, key) == 1
 
 
-async def test_second_sweep_and_late_line_change_nothing(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_second_sweep_and_late_line_change_nothing(stores: Stores, key: KeyRecord) -> None:
     """Sweeping again, or the line finally arriving, neither re-audits nor double-counts."""
-    key = await create_key(engine)
-    now = time.time()
-    overdue = await _admit(redis, key, at=now - _LEASE_S - _GRACE_S - 60, reserve=500)
-    sweeper = _sweeper(pool, redis, script, _Clock(now), "node-a")
+    engine, redis = stores.engine, stores.redis
+    admitted = time.time()
+    overdue = await admit(redis, key, at=admitted, reserve=500)
+    sweeper = _sweeper(stores, _past_grace(admitted, by=60))
     assert await sweeper.sweep() == 1
     rows, ledger, budget = await _audit_rows(engine), await _ledger(engine), await spent(redis, key)
 
     assert await sweeper.sweep() == 0
-    late = store(pool, script)
+    late = stores.store()
     outcome = await late.settle(
         batch([exact(key, 30, 40, request_id=str(overdue))]), resume=position(0)
     )
@@ -148,15 +139,13 @@ async def test_second_sweep_and_late_line_change_nothing(
     assert await spent(redis, key) == budget
 
 
-async def test_grace_follows_the_clock(
-    engine: AsyncEngine, redis: aioredis.Redis, pool: asyncpg.Pool, script: SettleScript
-) -> None:
+async def test_grace_follows_the_clock(stores: Stores, key: KeyRecord) -> None:
     """A reservation is swept only once its lease expired more than the grace ago."""
-    key = await create_key(engine)
+    redis = stores.redis
     admitted = time.time() - 10
-    request_id = await _admit(redis, key, at=admitted)
-    clock = _Clock(admitted + _LEASE_S + _GRACE_S - 1)
-    sweeper = _sweeper(pool, redis, script, clock, "node-a")
+    request_id = await admit(redis, key, at=admitted, reserve=700)
+    clock = _past_grace(admitted, by=-1)
+    sweeper = _sweeper(stores, clock)
 
     assert await sweeper.sweep() == 0
     assert await sweeper.sweep(hold_off=30) == 0
@@ -167,48 +156,41 @@ async def test_grace_follows_the_clock(
     assert not await _reserved(redis, key, request_id)
 
 
-async def test_nodes_sweeping_at_once_charge_once(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
-) -> None:
+async def test_nodes_sweeping_at_once_charge_once(stores: Stores, key: KeyRecord) -> None:
     """Two nodes sweeping the same reservations together write each audit and ledger entry once."""
-    key = await create_key(engine)
-    now = time.time()
-    ids = [await _admit(redis, key, at=now - 2000 + n, reserve=100) for n in range(8)]
-    a, b = (_sweeper(pool, redis, script, _Clock(now), node) for node in ("node-a", "node-b"))
+    redis = stores.redis
+    admitted = time.time()
+    ids = [await admit(redis, key, at=admitted + n, reserve=100) for n in range(8)]
+    clock = _past_grace(admitted, by=1000)
+    a, b = (_sweeper(stores, clock, node) for node in ("node-a", "node-b"))
 
     counts = await asyncio.gather(a.sweep(), b.sweep())
 
     assert sum(counts) == len(ids)
-    assert {row.request_id for row in await _audit_rows(engine)} == set(ids)
-    ledger = await _ledger(engine)
+    assert {row.request_id for row in await _audit_rows(stores.engine)} == set(ids)
+    ledger = await _ledger(stores.engine)
     assert sum(r[2] for r in ledger) == len(ids)  # type: ignore[misc]
     assert sum(r[4] for r in ledger) == 100 * len(ids)  # type: ignore[misc]
     assert await leases(redis, key) == 0
 
 
 async def test_audited_but_unsettled_request_is_settled_as_audited(
-    engine: AsyncEngine,
-    redis: aioredis.Redis,
-    pool: asyncpg.Pool,
-    script: SettleScript,
+    stores: Stores, key: KeyRecord
 ) -> None:
     """A request audited before a crash (reservation still in Redis) is settled with its usage."""
-    key = await create_key(engine)
-    now = time.time()
-    request_id = await _admit(redis, key, at=now - 2000, reserve=1000)
+    redis = stores.redis
+    admitted = time.time()
+    request_id = await admit(redis, key, at=admitted, reserve=1000)
     before = await spent(redis, key)
     record = exact(key, 30, 40, request_id=str(request_id))
-    async with pool.acquire() as conn:  # the commit happened, Redis did not
+    async with stores.pool.acquire() as conn:  # the commit happened, Redis did not
         await insert_audit(conn, [record], node="node-a")
 
-    assert await _sweeper(pool, redis, script, _Clock(now), "node-b").sweep() == 0
+    assert await _sweeper(stores, _past_grace(admitted, by=1000), "node-b").sweep() == 0
 
-    (row,) = await _audit_rows(engine)
+    (row,) = await _audit_rows(stores.engine)
     assert (row.usage_source, row.node) == ("exact", "node-a")
-    assert await _ledger(engine) == []  # the crashed batch's ledger is its own business
+    assert await _ledger(stores.engine) == []  # the crashed batch's ledger is its own business
     assert not await _reserved(redis, key, request_id)
     assert await spent(redis, key) == before - 1000 + 70
 
@@ -265,7 +247,7 @@ def test_settings_read_the_sweep_options() -> None:
 
 @pytest.fixture
 def meterd(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Meterd]:
-    """A meterd node that sweeps every 0.2 s with the default grace, on an empty log."""
+    """A meterd node that sweeps every 0.2 s with a short grace, on an empty log."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "access.log").write_bytes(b"")
     node = Meterd(
@@ -273,22 +255,30 @@ def meterd(tmp_path: Path, database_url: str, redis_url: str) -> Iterator[Meterd
         redis_url=redis_url,
         access_log=tmp_path / "logs" / "access.log",
         log_path=tmp_path / "meterd.log",
-        settings={"NZ_METERD_SWEEP_EVERY_S": "0.2", "NZ_METERD_HEARTBEAT_TTL_S": "3"},
+        settings={
+            "NZ_METERD_SWEEP_EVERY_S": "0.2",
+            "NZ_METERD_SWEEP_GRACE_S": str(_DAEMON_GRACE_S),
+            "NZ_METERD_HEARTBEAT_TTL_S": "3",
+        },
     )
     yield node
     node.stop()
 
 
 async def test_daemon_sweeps_and_counts_in_its_heartbeat(
-    meterd: Meterd, engine: AsyncEngine, redis: aioredis.Redis, tmp_path: Path
+    meterd: Meterd, stores: Stores, key: KeyRecord
 ) -> None:
     """The running daemon sweeps an overdue reservation, counts it and logs its request id."""
-    key = await create_key(engine)
-    request_id = await _admit(redis, key, at=time.time() - 2000)
+    engine, redis = stores.engine, stores.redis
+    lease_expired = time.time() - _DAEMON_OVERDUE_S
+    request_id = await admit(redis, key, at=lease_expired - LEASE_S, reserve=700)
     meterd.start()
     deadline = time.monotonic() + 15
     while (beat := await read_beat(redis, "test-node")) is None or beat.swept < 1:
-        assert time.monotonic() < deadline, meterd.log_path.read_text()
+        if time.monotonic() >= deadline:
+            # Who audited it, if anyone, tells a slow daemon from another node sweeping first.
+            audited = [(row.request_id, row.node) for row in await _audit_rows(engine)]
+            raise AssertionError(f"not swept; audit rows {audited}\n{meterd.log_path.read_text()}")
         await asyncio.sleep(0.2)
     assert meterd.terminate() == 0
     (row,) = await _audit_rows(engine)
