@@ -39,7 +39,6 @@ lint: ## ruff check, ruff format --check and mypy --strict.
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run mypy --strict
-	$(UV) run mypy --strict compose/local
 
 # wrk (Debian package) drives saturation; as root it is installed when missing.
 bench: ## Benchmark gateway vs Caddy alone vs Ollama stand-in (BENCH_ARGS=--quick: ~1 min).

@@ -22,4 +22,4 @@ exec granian --interface asgi --factory \
 	--uds "$NZ_POLICYD_SOCKET" --uds-permissions 0660 \
 	--workers 1 \
 	--http1-buffer-size "$buffer" \
-	policyd.app:create_app
+	policyd.authz.app:create_app

@@ -39,7 +39,7 @@ from meterd.settle_script import SettleScript
 from meterd.sweep import Sweeper, hold_off_s
 from meterd.tail import Checkpoint, Follower, Line, start_of
 from meterd.usage import Calibration, measure
-from policyd import contract
+from policyd.shared import contract
 
 __all__ = ["Daemon", "is_outage", "run"]
 

@@ -8,7 +8,7 @@ lose NUL characters and lone surrogates, which Postgres cannot store.
 
 Field names are the contract with `caddy/gateway.caddy`: Caddy's own (`uuid`, `ts`,
 `request`, `status`, `size`, `bytes_read`, `duration`, `resp_headers`), policyd's grant
-(`nz_grant`, `policyd.contract.Grant`), `resp_body` (captured responses), and the
+(`nz_grant`, `policyd.shared.contract.Grant`), `resp_body` (captured responses), and the
 optional `req_body` (prompt logging) and `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`).
 Lines written before the grant carry one `nz_*` field per value instead
 (`contract.LEGACY_LOG_FIELDS`); they are read the same way.
@@ -28,7 +28,7 @@ from typing import Any, Final
 import attrs
 import msgspec
 
-from policyd.contract import (
+from policyd.shared.contract import (
     H_REFUSAL,
     LEGACY_LOG_FIELDS,
     LEGACY_PROMPT_LOG_FIELD,

@@ -13,7 +13,7 @@ from typing import Final
 
 import attrs
 
-from policyd.envreader import EnvReader
+from policyd.shared.envreader import EnvReader
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 

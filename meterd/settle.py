@@ -41,7 +41,8 @@ from meterd.parse import Event
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
 from meterd.usage import CalibrationRow, Observation, Usage
-from policyd import contract
+from policyd.shared import contract
+from policyd.shared.retention import prune_expired_prompts
 
 __all__ = [
     "Batch",
@@ -117,7 +118,7 @@ class RedisSettlement:
 async def settle_in_redis(script: SettleScript, items: Sequence[RedisSettlement]) -> None:
     """Release leases and replace reservations by actual usage: one script call per request.
 
-    Arguments come from `policyd.contract.settle_call` (reservation key; request id,
+    Arguments come from `policyd.shared.contract.settle_call` (reservation key; request id,
     tokens, ledger time, key id, the admission's budget day/month/second); the whole
     batch is one round trip (`settle_script.py`).
     """
@@ -270,4 +271,4 @@ class Store:
 
     async def prune_prompts(self) -> int:
         """Delete expired prompts, in chunks so no single statement holds locks for long."""
-        return await writes.prune_expired_prompts(self._pool)
+        return await prune_expired_prompts(self._pool)

@@ -6,7 +6,7 @@ meterd does per request. Here a batch's EVALSHA commands are encoded into one bu
 written at once, and their replies parsed straight from the socket's bytes.
 
 The lean connection speaks RESP2 to the `redis://` and `unix://` URLs that
-`policyd.resp.supports()` accepts (password and database included); anything else
+`policyd.shared.resp.supports()` accepts (password and database included); anything else
 (TLS, other options) goes through redis-py's pipeline, so its settings keep their
 meaning. Either way errors are redis-py's exception classes, so the daemon tells
 outages from bugs alike. The script is called by its SHA1; when Redis does not know it
@@ -32,7 +32,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from policyd.resp import (
+from policyd.shared.resp import (
     IncompleteReply,
     RedisAddress,
     encode_command,
@@ -42,7 +42,7 @@ from policyd.resp import (
 
 __all__ = ["Call", "SettleScript"]
 
-#: KEYS and ARGV of one script call, as `policyd.contract.settle_call` returns them.
+#: KEYS and ARGV of one script call, as `policyd.shared.contract.settle_call` returns them.
 Call = tuple[Sequence[str], Sequence[str | int]]
 
 _READ_BYTES: Final = 256 * 1024

@@ -1,6 +1,6 @@
 """Reservations whose access-log line never arrived: settle them fail-closed, flagged.
 
-Admission (policyd/lua/admit.lua) leaves a hash `nz:{t:<tenant>}:res:<request id>` per
+Admission (policyd/shared/lua/admit.lua) leaves a hash `nz:{t:<tenant>}:res:<request id>` per
 admitted request, and the budgets already hold the reserved tokens. Normally the log
 line arrives and settle.py replaces the reservation by the actual usage. When Caddy was
 killed mid-request, or a rolled file was deleted before meterd read it, the line never

@@ -48,14 +48,12 @@ __all__ = [
     "add_to_ledger",
     "audited",
     "insert_audit",
-    "prune_expired_prompts",
     "save_checkpoint",
     "settle_batch",
 ]
 
 _U64: Final = 2**64
 _I63: Final = 2**63
-_PRUNE_CHUNK: Final = 10_000
 #: Stands for "write these rows" in the statements below; `SETTLE` replaces it by its
 #: condition that no audit row of the batch exists yet.
 _ALWAYS: Final = "/* guard */ true"
@@ -183,13 +181,6 @@ ON CONFLICT (node, log_path) DO UPDATE SET
     last_event_at = COALESCE(excluded.last_event_at, c.last_event_at),
     updated_at = now()
 RETURNING updated_at
-"""
-
-
-_PRUNE_PROMPTS: Final = """
-DELETE FROM prompt_log
- WHERE request_id = ANY(ARRAY(
-    SELECT request_id FROM prompt_log WHERE expires_at <= now() ORDER BY expires_at LIMIT $1))
 """
 
 
@@ -504,17 +495,3 @@ async def save_checkpoint(
         *_checkpoint_args(node, log_path, position, lines=0, bad_lines=0, last_event_at=None),
     )
     return updated
-
-
-async def prune_expired_prompts(pool: asyncpg.Pool) -> int:
-    """Delete every prompt whose retention has passed, in chunks; returns how many went.
-
-    Each chunk is its own transaction, so no single statement holds locks for long.
-    """
-    total = 0
-    while True:
-        status: str = await pool.execute(_PRUNE_PROMPTS, _PRUNE_CHUNK)
-        deleted = int(status.rpartition(" ")[2])
-        total += deleted
-        if deleted < _PRUNE_CHUNK:
-            return total

@@ -1,4 +1,4 @@
-"""Alembic environment: async engine from NZ_DATABASE_URL, both daemons' metadata."""
+"""Alembic environment: async engine from NZ_DATABASE_URL, policyd/shared/tables.py."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from meterd.schema import metadata as meterd_metadata
-from policyd.schema import metadata as policyd_metadata
+from policyd.shared.tables import metadata
 
 config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = [policyd_metadata, meterd_metadata]
+target_metadata = metadata
 
 
 def _database_url() -> str:

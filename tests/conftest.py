@@ -20,14 +20,14 @@ from typing import Final, TypeVar
 
 import pytest
 
-from tests.support.services import (
+from compose.local.parts import Stack, StackConfig, run_migrations
+from compose.local.services import (
     Launcher,
     PostgresServer,
     RedisServer,
     Service,
     StandinServer,
 )
-from tests.support.stack import Stack, StackConfig, run_migrations
 from tests.support.state import flush_redis, reset_database
 
 __all__: list[str] = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Entry point of `make up|down|status|migrate`. `up` first installs whatever is missing
 # (PostgreSQL and Redis via apt when root, uv via pip, the project via `uv sync`), then every
-# command runs compose/local/stack.py, which starts the parts exactly as the tests do.
+# command runs compose/local/up.py, which starts the parts exactly as the tests do.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -41,4 +41,4 @@ if [[ $command == up ]]; then
 else
 	ensure_uv
 fi
-exec uv run --quiet python -m compose.local.stack "$command"
+exec uv run --quiet python -m compose.local.up "$command"

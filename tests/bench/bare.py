@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Final
 
-from tests.support.services import REPO_ROOT
+from compose.local.services import REPO_ROOT
 
 __all__ = ["GATEWAY_SNIPPET", "bare_caddyfile", "proxy_block"]
 

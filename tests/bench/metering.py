@@ -33,7 +33,7 @@ _QUERY: Final = (
 _POLL_S: Final = 0.05
 _SAMPLE_S: Final = 0.25
 _SETTLE_TIMEOUT_S: Final = 120.0
-NOT_IN_STACK: Final = "meterd is not part of tests/support/stack.py yet; nothing measured"
+NOT_IN_STACK: Final = "meterd is not part of compose/local/parts.py yet; nothing measured"
 
 
 @attrs.frozen

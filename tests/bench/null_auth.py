@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
-from policyd.contract import H_GRANT, Grant
+from policyd.shared.contract import H_GRANT, Grant
 
 __all__ = ["create_app"]
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
-from tests.support.processes import ProcessHandle
+from compose.local.processes import ProcessHandle
 
 __all__ = ["CpuMeter", "cpu_seconds", "rss_mib"]
 

@@ -24,17 +24,18 @@ import attrs
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from policyd import admin, limits_admin
-from tests.bench.bare import bare_caddyfile
-from tests.support.processes import ProcessHandle
-from tests.support.services import (
+from compose.local.parts import Stack, StackConfig
+from compose.local.processes import ProcessHandle
+from compose.local.services import (
     REPO_ROOT,
     CaddyServer,
     PolicydServer,
     Service,
     StandinServer,
 )
-from tests.support.stack import Stack, StackConfig
+from policyd.admin import accounts as admin
+from policyd.admin import limits as limits_admin
+from tests.bench.bare import bare_caddyfile
 
 __all__ = ["BenchRig", "RigConfig", "Target", "make_keys", "make_limited_key"]
 

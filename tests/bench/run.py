@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import attrs
 
+from compose.local.services import REPO_ROOT
 from tests.bench.load import wrk_binary, wrk_script
 from tests.bench.metering import NOT_IN_STACK, LagSamples, meterd_throughput
 from tests.bench.plan import FULL, QUICK, SMOKE, Plan
@@ -29,7 +30,6 @@ from tests.bench.resources import rss_mib
 from tests.bench.rig import BenchRig, RigConfig, make_keys
 from tests.bench.scenarios import small_requests, streams
 from tests.bench.workload import Workload
-from tests.support.services import REPO_ROOT
 
 __all__ = ["main", "run"]
 

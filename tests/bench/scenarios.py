@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from compose.local.processes import ProcessHandle
 from tests.bench.load import LoadResult, open_loop, wrk_saturate
 from tests.bench.plan import Plan
 from tests.bench.resources import CpuMeter
@@ -18,7 +19,6 @@ from tests.bench.rig import BenchRig, Target
 from tests.bench.stats import median, summary
 from tests.bench.streams import StreamResult, run_streams
 from tests.bench.workload import Workload
-from tests.support.processes import ProcessHandle
 
 __all__ = ["Sampler", "difference", "small_requests", "streams"]
 

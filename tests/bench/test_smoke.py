@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.services import REPO_ROOT
+from compose.local.services import REPO_ROOT
 
 __all__: list[str] = []
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Final
 
-from policyd import contract
+from policyd.shared import contract
 
 __all__ = [
     "GOOD_KEY",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from policyd import contract
+from policyd.shared import contract
 from tests.caddy.caddy_json import (
     TEST_ENV,
     JsonObject,

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from policyd import contract
+from policyd.shared import contract
 from tests.caddy.fakes import (
     GOOD_KEY,
     STREAM_GAP_S,

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from policyd import contract
+from policyd.shared import contract
 from tests.caddy.fakes import GOOD_KEY, FakeAuth, FakeUpstream, SeenRequest, grant
 from tests.caddy.runner import free_port, run_caddy
 

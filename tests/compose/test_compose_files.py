@@ -92,7 +92,7 @@ def test_services_present(prod: Compose, dev: Compose) -> None:
     assert set(prod["services"]) == GATEWAY_PARTS | {"ollama"}
     assert set(dev["services"]) == GATEWAY_PARTS | {"standin"}
     standin = dev["services"]["standin"]["command"]
-    assert standin[:3] == ["python", "-m", "tests.support.standin"]
+    assert standin[:3] == ["python", "-m", "compose.standin"]
 
 
 def test_only_ollama_neighbours_reach_the_models_network(prod: Compose) -> None:

@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd import admin
-from tests.support.cli import run_cli, run_cli_json
-from tests.support.services import PostgresServer, RedisServer, Service
-from tests.support.stack import Stack, StackConfig
+from compose.local.cli_runner import run_cli, run_cli_json
+from compose.local.parts import Stack, StackConfig
+from compose.local.services import PostgresServer, RedisServer, Service
+from policyd.admin import accounts as admin
 
 __all__: list[str] = []
 

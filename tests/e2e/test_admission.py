@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd import limits_admin
+from compose.local.parts import Stack
+from compose.local.services import PolicydServer, Service
+from policyd.admin import limits as limits_admin
 from tests.e2e.conftest import make_key
-from tests.support.services import PolicydServer, Service
-from tests.support.stack import Stack
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
+from compose.local.cli_runner import run_cli, run_cli_json
+from compose.local.parts import Stack
 from tests.e2e.conftest import StandinLog
-from tests.support.cli import run_cli, run_cli_json
-from tests.support.stack import Stack
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 

@@ -8,10 +8,10 @@ from typing import Any, Final
 
 import httpx
 
+from compose.local.cli_runner import run_cli
+from compose.local.parts import Stack
+from compose.local.services import DEFAULT_MAX_BODY_BYTES
 from tests.e2e.conftest import StandinLog
-from tests.support.cli import run_cli
-from tests.support.services import DEFAULT_MAX_BODY_BYTES
-from tests.support.stack import Stack
 
 __all__: list[str] = []
 

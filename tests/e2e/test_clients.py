@@ -10,9 +10,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from policyd.contract import H_GRANT, parse_grant
+from compose.local.parts import Stack
+from policyd.shared.contract import H_GRANT, parse_grant
 from tests.e2e.conftest import StandinLog
-from tests.support.stack import Stack
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about rivers."}]
 

@@ -9,9 +9,9 @@ from typing import Any, Final
 
 import httpx
 
+from compose.local.parts import Stack
+from compose.local.services import Service, StandinServer
 from tests.e2e.conftest import StandinLog, make_key
-from tests.support.services import Service, StandinServer
-from tests.support.stack import Stack
 
 __all__: list[str] = []
 

@@ -12,8 +12,10 @@ import attrs
 import httpx
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd import admin
-from policyd.contract import (
+from compose.local.cli_runner import run_cli
+from compose.local.parts import Stack
+from policyd.admin import accounts as admin
+from policyd.shared.contract import (
     H_BODY,
     H_GRANT,
     LEGACY_LOG_FIELDS,
@@ -22,8 +24,6 @@ from policyd.contract import (
     parse_grant,
 )
 from tests.e2e.conftest import StandinLog
-from tests.support.cli import run_cli
-from tests.support.stack import Stack
 
 __all__: list[str] = []
 

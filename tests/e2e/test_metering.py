@@ -10,10 +10,10 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from compose.local.parts import Stack
 from tests.e2e.conftest import StandinLog, make_key
 from tests.e2e.test_admission import _usage, _wait_for_free_slots, set_limits
 from tests.e2e.wire import raw_request
-from tests.support.stack import Stack
 
 CHAT = [{"role": "user", "content": "Tell me about rivers."}]
 

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.processes import process_alive
-from tests.support.services import REPO_ROOT
+from compose.local.processes import process_alive
+from compose.local.services import REPO_ROOT
 
 __all__: list[str] = []
 

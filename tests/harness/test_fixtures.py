@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from tests.support.services import PostgresServer, RedisServer, Service
+from compose.local.services import PostgresServer, RedisServer, Service
 from tests.support.state import flush_redis, reset_database
 
 __all__: list[str] = []

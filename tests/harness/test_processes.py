@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import (
+from compose.local.processes import (
     RESERVED_PORTS,
     ProcessHandle,
     ReadinessError,

@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.support.services import (
+from compose.local.services import (
     CaddyServer,
     PostgresServer,
     RedisServer,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.cli import run_cli_json
-from tests.support.stack import Stack
+from compose.local.cli_runner import run_cli_json
+from compose.local.parts import Stack
 
 __all__: list[str] = []
 

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from meterd.db import create_pool
 from meterd.settle import Store
 from meterd.settle_script import SettleScript
-from policyd.contract import load_script, settle_script, tenant_base
-from policyd.limits import Limiter
-from policyd.records import KeyRecord, Limits
-from policyd.schema import api_keys, tenants
+from policyd.authz.limits import Limiter
+from policyd.authz.records import KeyRecord, Limits
+from policyd.shared.contract import load_script, settle_script, tenant_base
+from policyd.shared.tables import api_keys, tenants
 from tests.meterd import records
 
 __all__: list[str] = []

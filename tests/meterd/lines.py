@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Final
 
-from policyd.contract import LOG_GRANT, Grant, parse_grant
+from policyd.shared.contract import LOG_GRANT, Grant, parse_grant
 
 __all__ = [
     "KEY_ID",

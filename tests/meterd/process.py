@@ -8,8 +8,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.support.processes import base_env
-from tests.support.services import REPO_ROOT
+from compose.local.processes import base_env
+from compose.local.services import REPO_ROOT
 
 __all__ = ["Meterd"]
 

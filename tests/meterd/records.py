@@ -12,7 +12,7 @@ from meterd.settle import Batch, Record, Store
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
 from meterd.usage import Calibration, measure
-from policyd.records import KeyRecord
+from policyd.authz.records import KeyRecord
 from tests.meterd.lines import caddy_line, encode
 
 __all__ = ["LOG", "batch", "exact", "position", "record", "store"]

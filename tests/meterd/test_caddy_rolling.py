@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meterd.schema import audit_log
+from compose.local.processes import free_port
+from compose.local.services import CaddyServer, Service
+from policyd.shared.tables import audit_log
 from tests.meterd.process import Meterd
-from tests.support.processes import free_port
-from tests.support.services import CaddyServer, Service
 
 # Caddy's rolling with the gateway's settings, but 1 MiB files (the smallest it allows).
 _CADDYFILE = """\

@@ -13,14 +13,13 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meterd.schema import prompt_log
+from compose.local.cli_runner import cli_binary
+from compose.local.processes import base_env
+from compose.local.services import REPO_ROOT
 from meterd.settle_script import SettleScript
-from policyd.schema import tenants
+from policyd.shared.tables import prompt_log, tenants
 from tests.meterd.conftest import create_key
 from tests.meterd.records import batch, exact, position, record, store
-from tests.support.cli import cli_binary
-from tests.support.processes import base_env
-from tests.support.services import REPO_ROOT
 
 # The commands are plain click commands; run them as the CLI would, in a fresh process.
 

@@ -16,13 +16,13 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meterd.schema import audit_log, meter_checkpoints, usage_ledger
-from policyd.records import KeyRecord
+from compose.local.services import PostgresServer, RedisServer, Service
+from policyd.authz.records import KeyRecord
+from policyd.shared.tables import audit_log, meter_checkpoints, usage_ledger
 from tests.meterd.conftest import create_key, leases, limiter, spent
 from tests.meterd.lines import caddy_line, encode
 from tests.meterd.process import Meterd
 from tests.meterd.rolling import RollingWriter
-from tests.support.services import PostgresServer, RedisServer, Service
 
 
 @pytest.fixture

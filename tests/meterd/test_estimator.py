@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
+from compose.local.services import Service, StandinServer
+from compose.standin import corpus
 from meterd.parse import Event
 from meterd.usage import Calibration, Source, measure
-from tests.support.services import Service, StandinServer
-from tests.support.standin import corpus
 
 _PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions")
 _MODELS = ("llama3.2", "qwen2.5-coder:7b")

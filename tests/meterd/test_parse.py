@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from meterd.parse import BadLine, Event, parse_line
-from policyd.contract import LOG_GRANT
+from policyd.shared.contract import LOG_GRANT
 from tests.meterd.lines import (
     KEY_ID,
     KEY_PREFIX,

@@ -9,10 +9,11 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meterd.schema import audit_log, meter_calibration, prompt_log, usage_ledger
 from meterd.usage import Calibration, CalibrationRow
-from meterd.writes import add_to_ledger, insert_audit, prune_expired_prompts
-from policyd.records import KeyRecord
+from meterd.writes import add_to_ledger, insert_audit
+from policyd.authz.records import KeyRecord
+from policyd.shared.retention import prune_expired_prompts
+from policyd.shared.tables import audit_log, meter_calibration, prompt_log, usage_ledger
 from tests.meterd.conftest import Stores, admit, create_key, leases, settler, spent
 from tests.meterd.records import batch as _batch
 from tests.meterd.records import exact as _exact

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from compose.standin.gojson import encode as go_encode
 from meterd.envelope import envelope_for, go_json_len
 from meterd.parse import Event, parse_line
-from meterd.schema import CALIBRATION_SUMS, meter_calibration
 from meterd.usage import (
     SUMS,
     Calibration,
@@ -19,8 +19,8 @@ from meterd.usage import (
     measure,
     model_key,
 )
+from policyd.shared.tables import CALIBRATION_SUMS, meter_calibration
 from tests.meterd.lines import caddy_line, encode
-from tests.support.standin.gojson import encode as go_encode
 
 
 def _event(**fields: object) -> Event:

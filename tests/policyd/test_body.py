@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd.body import BodyError, CloudModelError, go_fold, is_cloud_model, read_body
-from policyd.contract import Surface
-from policyd.paths import EndpointKind
+from policyd.authz.body import BodyError, CloudModelError, go_fold, is_cloud_model, read_body
+from policyd.authz.paths import EndpointKind
+from policyd.shared.contract import Surface
 
 GEN = EndpointKind.GENERATE
 OLLAMA = Surface.OLLAMA

@@ -12,11 +12,11 @@ from typing import Any, Final
 
 import pytest
 
-from policyd.cli import parse_expiry
-from policyd.cli_base import parse_when
-from policyd.limits import DIMENSIONS
-from tests.support.cli import run_cli
-from tests.support.processes import base_env, free_port
+from compose.local.cli_runner import run_cli
+from compose.local.processes import base_env, free_port
+from policyd.authz.limits import DIMENSIONS
+from policyd.cli.base import parse_when
+from policyd.cli.main import parse_expiry
 
 __all__: list[str] = []
 

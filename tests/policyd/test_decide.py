@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policyd.contract import H_GRANT, Surface, parse_grant
-from policyd.decide import (
+from policyd.authz.records import KeyRecord, Limits
+from policyd.authz.refusals import Reason, Refusal, render
+from policyd.authz.screening import (
     DEFAULT_OUTPUT_RESERVE,
     admit,
     check_key_policy,
@@ -19,8 +20,7 @@ from policyd.decide import (
     reservation,
     screen_request,
 )
-from policyd.records import KeyRecord, Limits
-from policyd.refusals import Reason, Refusal, render
+from policyd.shared.contract import H_GRANT, Surface, parse_grant
 
 LIMIT = 1000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policyd.keys import (
+from policyd.shared.keys import (
     generate_key,
     is_prefix,
     keyed_digest,

@@ -13,7 +13,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyd.contract import (
+from policyd.authz.keystore import StoreUnavailable
+from policyd.authz.limits import Limiter, effective_limits, next_day, next_month
+from policyd.authz.records import KeyRecord, Limits
+from policyd.authz.refusals import Reason
+from policyd.shared.contract import (
     H_RATE_REQUESTS,
     H_RATE_TOKENS,
     load_script,
@@ -21,10 +25,6 @@ from policyd.contract import (
     settle_script,
     tenant_base,
 )
-from policyd.keystore import StoreUnavailable
-from policyd.limits import Limiter, effective_limits, next_day, next_month
-from policyd.records import KeyRecord, Limits
-from policyd.refusals import Reason
 
 
 class Clock:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policyd.contract import Surface
-from policyd.paths import PathRefusal, classify_target, surface_of
+from policyd.authz.paths import PathRefusal, classify_target, surface_of
+from policyd.shared.contract import Surface
 
 ALLOWED = [
     ("GET", "/api/version"),

@@ -13,11 +13,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from policyd.keystore import StoreUnavailable
-from policyd.limits import Limiter
-from policyd.records import KeyRecord, Limits
-from policyd.resp import RespClient, encode_command, redis_address, supports
-from tests.support.services import RedisServer, Service
+from compose.local.services import RedisServer, Service
+from policyd.authz.keystore import StoreUnavailable
+from policyd.authz.limits import Limiter
+from policyd.authz.records import KeyRecord, Limits
+from policyd.shared.resp import RespClient, encode_command, redis_address, supports
 
 __all__: list[str] = []
 

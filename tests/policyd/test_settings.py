@@ -6,8 +6,8 @@ from typing import Final
 
 import pytest
 
-from policyd.envreader import EnvReader
-from policyd.settings import DEFAULT_MAX_BODY_BYTES, SettingsError, load_settings
+from policyd.authz.settings import DEFAULT_MAX_BODY_BYTES, SettingsError, load_settings
+from policyd.shared.envreader import EnvReader
 
 _VALID: Final = {
     "NZ_DATABASE_URL": "postgresql+asyncpg://nz@127.0.0.1/nz",

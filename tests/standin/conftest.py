@@ -18,7 +18,7 @@ from typing import Any, Final
 import httpx
 import pytest
 
-from tests.support.standin.__main__ import granian_argv
+from compose.standin.__main__ import granian_argv
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 _RESERVED: Final = frozenset({5432, 6379, 8080, 11434})
@@ -103,10 +103,10 @@ def _base_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standin]:
-    """An unthrottled stand-in started through the CLI (`python -m tests.support.standin`)."""
+    """An unthrottled stand-in started through the CLI (`python -m compose.standin`)."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "tests.support.standin",
+        sys.executable, "-m", "compose.standin",
         "--host", "127.0.0.1", "--port", str(port),
         "--tokens-per-s", "0", "--first-token-ms", "0",
     ]  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tests.support.standin.textgen import reply_for
-from tests.support.standin.tokenizer import (
+from compose.standin.textgen import reply_for
+from compose.standin.tokenizer import (
     ChatTurn,
     count_tokens,
     render_chat,

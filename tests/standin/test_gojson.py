@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.support.standin.gojson import (
+from compose.standin.gojson import (
     BindError,
     bind,
     encode,
@@ -14,7 +14,7 @@ from tests.support.standin.gojson import (
     go_quote,
     go_time,
 )
-from tests.support.standin.schemas import CHAT_REQUEST, GENERATE_REQUEST
+from compose.standin.schemas import CHAT_REQUEST, GENERATE_REQUEST
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import httpx
 import ollama
 import pytest
 
+from compose.standin.tokenizer import count_tokens, render_generate
 from tests.standin.conftest import Standin
 from tests.standin.expect import (
     chat_prompt_tokens,
@@ -16,7 +17,6 @@ from tests.standin.expect import (
     generate_reply,
     prompt_with,
 )
-from tests.support.standin.tokenizer import count_tokens, render_generate
 
 JSON_UTF8 = "application/json; charset=utf-8"
 METRICS = (

@@ -10,9 +10,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from compose.standin.tokenizer import count_tokens, render_generate
 from tests.standin.conftest import Standin
 from tests.standin.expect import chat_prompt_tokens, chat_reply, generate_reply
-from tests.support.standin.tokenizer import count_tokens, render_generate
 
 TURNS = [("user", "Explain rate limits.")]
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Explain rate limits."}]

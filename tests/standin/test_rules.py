@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from tests.support.standin.models import Catalogue, canonical_name, namespace_of
-from tests.support.standin.router import clean_path
-from tests.support.standin.settings import StandinSettings
-from tests.support.standin.textgen import embedding, reply_for
-from tests.support.standin.tokenizer import count_tokens, render_chat, tokenize
+from compose.standin.models import Catalogue, canonical_name, namespace_of
+from compose.standin.router import clean_path
+from compose.standin.settings import StandinSettings
+from compose.standin.textgen import embedding, reply_for
+from compose.standin.tokenizer import count_tokens, render_chat, tokenize
 
 SAMPLES = [
     "Hello, world! International cooperation.",

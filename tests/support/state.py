@@ -12,7 +12,7 @@ from typing import Final
 
 import redis
 
-from tests.support.services import PostgresServer
+from compose.local.services import PostgresServer
 
 __all__ = ["flush_redis", "reset_database"]
 

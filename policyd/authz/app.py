@@ -1,0 +1,106 @@
+"""`create_app()`: the policyd ASGI application, as Granian serves it (`--factory`).
+
+`/authz` is served by `fastpath.PolicyApp` without a framework; the rest by Litestar,
+whose lifespan opens Postgres, Redis and the HTTP client for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import httpx
+import redis.asyncio as aioredis
+from litestar import Litestar
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from policyd.authz.endpoints import Services, healthz, readyz, statsz
+from policyd.authz.fastpath import PolicyApp
+from policyd.authz.keystore import KeyStore
+from policyd.authz.lastused import LastUsedTracker
+from policyd.authz.limits import Limiter
+from policyd.authz.rebuild import TenantLoader
+from policyd.authz.settings import Settings, load_settings
+from policyd.shared.contract import load_script
+from policyd.shared.resp import RespClient, supports
+
+__all__ = ["create_app"]
+
+
+def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        engine = create_async_engine(
+            settings.database_url, pool_size=5, max_overflow=5, pool_pre_ping=True
+        )
+        redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.store_timeout_s,
+            socket_connect_timeout=settings.store_timeout_s,
+            max_connections=64,
+            # The hot path no longer uses this pool, so after a Redis restart its idle
+            # connections are found dead only when used: reconnect once, right away.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        # The per-request Redis calls go through the lean client where the URL allows.
+        hot = (
+            RespClient(url=settings.redis_url, timeout_s=settings.store_timeout_s)
+            if supports(settings.redis_url)
+            else None
+        )
+        http = httpx.AsyncClient(timeout=settings.ready_timeout_s)
+        last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
+        loader = TenantLoader(
+            engine=engine,
+            redis=redis,
+            load_script=load_script(),
+            timeout_s=settings.store_timeout_s,
+        )
+        limiter = Limiter(
+            redis=redis,
+            load_tenant=loader,
+            lease_ttl_s=settings.lease_ttl_s,
+            timeout_s=settings.store_timeout_s,
+            hot=hot,
+        )
+        app.state.services = Services(
+            settings=settings,
+            engine=engine,
+            redis=redis,
+            http=http,
+            keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
+            limiter=limiter,
+            last_used=last_used,
+        )
+        last_used.start()
+        try:
+            yield
+        finally:
+            await last_used.stop()
+            await http.aclose()
+            if hot is not None:
+                await hot.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> PolicyApp:
+    """Build the app; settings default to the NZ_* environment, read now and only now."""
+    resolved = settings if settings is not None else load_settings()
+    logging.basicConfig(
+        level=resolved.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return PolicyApp(
+        Litestar(
+            route_handlers=[healthz, readyz, statsz],
+            lifespan=[_lifespan(resolved)],
+            openapi_config=None,
+            debug=False,
+        )
+    )

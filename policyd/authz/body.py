@@ -1,0 +1,265 @@
+"""Read a request body the way Ollama will, or refuse it.
+
+Ollama decodes with Go's `encoding/json`: keys match struct fields case-insensitively
+(with Unicode simple folding, so a long s, U+017F, matches `s`) and the last duplicate
+wins.
+Python's decoder keeps `model` and `MODEL` apart, so a body that Go would read
+differently from us is refused instead of guessed at: exact duplicate keys anywhere,
+and any top-level key that folds to a field we decide on without being spelled exactly
+like it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Final
+
+import attrs
+
+from policyd.authz.paths import EndpointKind
+from policyd.shared.contract import Surface
+
+__all__ = ["BodyError", "BodyFacts", "CloudModelError", "go_fold", "is_cloud_model", "read_body"]
+
+#: Fields whose value policyd acts on, or that carry the prompt it sizes.
+_DECISION_FIELDS: Final = (
+    "model",
+    "name",
+    "stream",
+    "options",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "prompt",
+    "messages",
+    "input",
+    "system",
+    "suffix",
+)
+#: A rough, deliberately generous characters-per-token ratio for sizing prompts.
+_CHARS_PER_TOKEN: Final = 3
+#: Where message and content-part objects keep their text.
+_TEXT_FIELDS: Final = ("content", "text", "thinking")
+_PER_MESSAGE_TOKENS: Final = 4
+
+
+class BodyError(Exception):
+    """The body cannot be admitted; the message is shown to the caller."""
+
+
+class CloudModelError(BodyError):
+    """The body names a cloud model, which this gateway never forwards."""
+
+
+@attrs.frozen(kw_only=True)
+class BodyFacts:
+    """What the decision needs to know about a request body."""
+
+    model: str | None
+    stream: bool
+    #: The output cap the request names (`num_predict`, `max_tokens`, ...), if any.
+    max_output_tokens: int | None
+    #: Conservative estimate of prompt tokens, for reservations.
+    prompt_tokens: int
+    include_usage: bool = False
+    #: The largest output cap named in any field, honoured by Ollama or not; checked
+    #: against the key's maximum so a request is refused rather than silently clamped.
+    requested_output: int | None = None
+
+
+def _simple_fold(ch: str) -> str:
+    # Go's field matching compares upper(lower(r)) per rune; Python's str case maps can
+    # expand (ß -> SS), so only single-character mappings are taken.
+    lower = ch.lower()
+    lower = lower if len(lower) == 1 else ch
+    upper = lower.upper()
+    return upper if len(upper) == 1 else lower
+
+
+def go_fold(name: str) -> str:
+    """Fold `name` as Go's JSON decoder does when matching a struct field."""
+    return "".join(_simple_fold(ch) for ch in name)
+
+
+_FOLDED_FIELDS: Final = {go_fold(f): f for f in _DECISION_FIELDS}
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Go decodes a repeated object key into the value it already holds (a repeated
+    # `options` merges), Python replaces it: refused anywhere, not guessed at. The dict is
+    # built in C and the pairs walked only when it came out shorter (long chats have
+    # hundreds of objects).
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BodyError(f"duplicate key {key!r} in request body")
+            seen.add(key)
+    return result
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BodyError(f"invalid JSON: {name} is not a number")
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError("request body is not valid UTF-8") from None
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+        )
+    except json.JSONDecodeError as exc:
+        raise BodyError(f"invalid JSON in request body: {exc.msg} at offset {exc.pos}") from None
+    except RecursionError:
+        raise BodyError("request body is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BodyError("request body must be a JSON object")
+    for key in value:
+        # For ASCII, Go's simple folding is upper-casing; other keys take the full fold
+        # (non-ASCII letters such as U+017F fold onto ASCII field names).
+        canonical = _FOLDED_FIELDS.get(key.upper() if key.isascii() else go_fold(key))
+        if canonical is not None and key != canonical:
+            raise BodyError(f"ambiguous key {key!r} in request body; write it as {canonical!r}")
+    return value
+
+
+def is_cloud_model(name: str) -> bool:
+    """True for names Ollama would proxy to ollama.com under the server's own account."""
+    folded = name.strip().lower()
+    return folded.endswith((":cloud", "-cloud"))
+
+
+def _optional_int(value: Any, field: str, *, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BodyError(f"{field} must be an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise BodyError(f"{field} must be an integer")
+        value = int(value)
+    if value < minimum:
+        raise BodyError(f"{field} must be at least {minimum}")
+    return int(value)
+
+
+def _stream_flag(body: dict[str, Any], *, default: bool) -> bool:
+    value = body.get("stream")
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BodyError("stream must be a boolean")
+    return value
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text in a field, walking message and content-part shapes."""
+    # Exact type checks and loops instead of isinstance() and sum(generator): a long
+    # chat walks this for every message. Decoded JSON has no subclasses.
+    kind = type(value)
+    if kind is str:
+        return len(value)
+    total = 0
+    if kind is list:
+        for item in value:
+            total += len(item) if type(item) is str else _text_chars(item)
+    elif kind is dict:
+        for name in _TEXT_FIELDS:
+            part = value.get(name)
+            if part is not None:
+                total += len(part) if type(part) is str else _text_chars(part)
+    return total
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    chars = sum(_text_chars(body.get(f)) for f in ("prompt", "system", "suffix", "input"))
+    messages = body.get("messages")
+    count = 0
+    if isinstance(messages, list):
+        chars += _text_chars(messages)
+        count = len(messages)
+    return -(-chars // _CHARS_PER_TOKEN) + count * _PER_MESSAGE_TOKENS
+
+
+def _model(body: dict[str, Any], kind: EndpointKind) -> str:
+    value = body.get("model")
+    if kind is EndpointKind.SHOW and value in (None, ""):
+        value = body.get("name")  # /api/show still accepts the deprecated `name`
+    if value is None or value == "":
+        raise BodyError("model is required")
+    if not isinstance(value, str):
+        raise BodyError("model must be a string")
+    if not value.strip():
+        raise BodyError("model is required")
+    return value
+
+
+def _native_output_cap(body: dict[str, Any]) -> int | None:
+    options = body.get("options")
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise BodyError("options must be an object")
+    cap = _optional_int(options.get("num_predict"), "options.num_predict", minimum=-2)
+    # -1 (unbounded) and -2 (fill the context) name no cap.
+    return cap if cap is not None and cap >= 0 else None
+
+
+def _openai_output_caps(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(cap Ollama enforces, largest cap named). Ollama maps only `max_tokens`."""
+    enforced = _optional_int(body.get("max_tokens"), "max_tokens", minimum=1)
+    other = _optional_int(body.get("max_completion_tokens"), "max_completion_tokens", minimum=1)
+    named = [c for c in (enforced, other) if c is not None]
+    return enforced, max(named) if named else None
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise BodyError("stream_options must be an object")
+    flag = options.get("include_usage", False)
+    if flag is None:
+        return False
+    if not isinstance(flag, bool):
+        raise BodyError("stream_options.include_usage must be a boolean")
+    return flag
+
+
+def read_body(raw: bytes, *, surface: Surface, kind: EndpointKind) -> BodyFacts:
+    """Extract the facts policy needs from a POST body, refusing what Go would read otherwise."""
+    if not raw.strip():
+        raise BodyError("missing request body")
+    body = _decode(raw)
+    model = _model(body, kind)
+    if is_cloud_model(model):
+        raise CloudModelError(f"cloud models are not available through this gateway: {model!r}")
+    if kind is EndpointKind.SHOW:
+        return BodyFacts(model=model, stream=False, max_output_tokens=None, prompt_tokens=0)
+    if kind is EndpointKind.EMBED:
+        return BodyFacts(
+            model=model, stream=False, max_output_tokens=0, prompt_tokens=_prompt_tokens(body)
+        )
+    if surface is Surface.OLLAMA:
+        stream = _stream_flag(body, default=True)
+        cap = requested = _native_output_cap(body)
+        include_usage = False
+    else:
+        # The OpenAI layer ignores `options`; a cap there would mislead the reservation.
+        stream = _stream_flag(body, default=False)
+        cap, requested = _openai_output_caps(body)
+        include_usage = _include_usage(body)
+    return BodyFacts(
+        model=model,
+        stream=stream,
+        max_output_tokens=cap,
+        prompt_tokens=_prompt_tokens(body),
+        include_usage=include_usage,
+        requested_output=requested,
+    )

@@ -1,0 +1,79 @@
+"""Settings, read once from an explicit environment mapping.
+
+Every problem is reported at once so an operator fixes the config in one go.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Final
+
+import attrs
+
+from policyd.shared.envreader import EnvReader
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
+
+DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+_MIN_SECRET_LEN: Final = 32
+
+
+class SettingsError(Exception):
+    """The environment does not describe a usable configuration."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything policyd and the CLI need, validated."""
+
+    database_url: str
+    redis_url: str
+    ollama_url: str
+    key_hmac_secret: bytes = attrs.field(repr=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: How long a verified key stays trusted in-process before Redis is asked again.
+    #: Bounds how late a revocation is seen by a running policyd.
+    key_cache_ttl_s: float = 0.5
+    #: How long a verified key's digest stays in Redis (renewed on every Argon2 check).
+    redis_key_ttl_s: int = 3600
+    #: How long an unknown prefix is remembered, sparing Postgres repeated lookups.
+    negative_cache_ttl_s: int = 30
+    #: Seconds a single store call may take before the request fails closed (503).
+    store_timeout_s: float = 2.0
+    #: Seconds the readiness probe waits for each dependency.
+    ready_timeout_s: float = 2.0
+    #: How long a concurrency lease holds a slot if its settlement never arrives.
+    lease_ttl_s: float = 600.0
+    #: How often last-used timestamps are flushed to Postgres.
+    last_used_flush_s: float = 5.0
+    log_level: str = "INFO"
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from `env` (default: the process environment); raise on any problem."""
+    read = EnvReader(os.environ if env is None else env)
+    database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
+    redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
+    ollama_url = read.url("NZ_OLLAMA_URL", ("http", "https"))
+    secret = read.required("NZ_KEY_HMAC_SECRET")
+    if secret and len(secret) < _MIN_SECRET_LEN:
+        read.errors.append(f"NZ_KEY_HMAC_SECRET must be at least {_MIN_SECRET_LEN} characters")
+    max_body = read.number("NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
+    cache_ttl_ms = read.number("NZ_KEY_CACHE_TTL_MS", 500, integer=True)
+    timeout_ms = read.number("NZ_STORE_TIMEOUT_MS", 2000, integer=True)
+    lease_ttl = read.number("NZ_LEASE_TTL_S", 600)
+    log_level = read.log_level("NZ_LOG_LEVEL")
+    if read.errors:
+        raise SettingsError("invalid configuration: " + "; ".join(read.errors))
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        ollama_url=ollama_url.rstrip("/"),
+        key_hmac_secret=secret.encode(),
+        max_body_bytes=int(max_body),
+        key_cache_ttl_s=cache_ttl_ms / 1000,
+        store_timeout_s=timeout_ms / 1000,
+        lease_ttl_s=lease_ttl,
+        log_level=log_level,
+    )

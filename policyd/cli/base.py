@@ -1,0 +1,157 @@
+"""What every CLI command shares: store access, error lines, JSON output.
+
+Errors are one line on stderr and a non-zero exit code; no traceback, no connection
+string with its password, never a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, NoReturn, TypeVar
+
+import attrs
+import redis.asyncio as aioredis
+import rich_click as click
+from redis.exceptions import RedisError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from policyd.admin import accounts as admin
+
+__all__ = ["fail", "iso", "json_option", "need_redis", "parse_when", "print_json", "run"]
+
+_T = TypeVar("_T")
+_EXIT_ERROR: Final = 1
+
+Action = Callable[[AsyncEngine, aioredis.Redis | None], Awaitable[_T]]
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def fail(message: str) -> NoReturn:
+    """Print one error line and exit non-zero."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(_EXIT_ERROR)
+
+
+def _env(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        fail(f"{name} is not set")
+    return value
+
+
+def _database_target(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "the configured database"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+@contextmanager
+def _store_errors(url: str) -> Iterator[None]:
+    """Turn store failures into one readable line (without credentials)."""
+    try:
+        yield
+    except admin.AdminError as exc:
+        fail(str(exc))
+    except (SQLAlchemyError, OSError) as exc:
+        cause = getattr(exc, "orig", None) or exc
+        fail(f"cannot use the database at {_database_target(url)} ({type(cause).__name__})")
+    except RedisError as exc:
+        fail(f"cannot reach Redis ({type(exc).__name__})")
+
+
+def run(action: Action[_T], *, redis: bool) -> _T:
+    """Run `action` with an engine (and a Redis client if `redis`), then close them."""
+    url = _env("NZ_DATABASE_URL")
+    redis_url = _env("NZ_REDIS_URL") if redis else None
+
+    async def go() -> _T:
+        try:
+            engine = create_async_engine(url, pool_size=1, connect_args={"timeout": 5})
+        except ArgumentError:
+            fail("NZ_DATABASE_URL is not a valid database URL")
+        client = (
+            aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+            if redis_url
+            else None
+        )
+        try:
+            return await action(engine, client)
+        finally:
+            if client is not None:
+                await client.aclose()
+            await engine.dispose()
+
+    with _store_errors(url):
+        return asyncio.run(go())
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def need_redis(client: aioredis.Redis | None) -> aioredis.Redis:
+    """The Redis client of a command declared with `redis=True`."""
+    assert client is not None
+    return client
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """UTC ISO-8601 with a `Z`, or None."""
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _jsonable(value: Any) -> Any:
+    if attrs.has(type(value)):
+        return {k: _jsonable(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if isinstance(value, dt.datetime):
+        return iso(value)
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "hex") and type(value).__name__ == "UUID":
+        return str(value)
+    return value
+
+
+def print_json(value: Any) -> None:
+    """Print `value` (attrs classes, lists, datetimes) as indented JSON."""
+    click.echo(json.dumps(_jsonable(value), indent=2))
+
+
+_DURATION: Final = re.compile(r"^(\d+)([smhdw])$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_when(text: str, *, ahead: bool, now: dt.datetime | None = None) -> dt.datetime | None:
+    """A moment as operators write it; None when it cannot be read.
+
+    `30d`, `12h`, `2w`, `45m`, `10s` count from now, forwards when `ahead` (an expiry),
+    else backwards (`--since 24h`). A date is the end of that day (UTC) looking ahead, so
+    a key expiring on a date works through it, and its start looking back. An ISO
+    datetime without a zone is UTC.
+    """
+    value = text.strip()
+    current = now or dt.datetime.now(dt.UTC)
+    match = _DURATION.fullmatch(value)
+    if match:
+        span = dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        return current + span if ahead else current - span
+    try:
+        if _DATE.fullmatch(value):
+            edge = dt.time.max if ahead else dt.time()
+            return dt.datetime.combine(dt.date.fromisoformat(value), edge, tzinfo=dt.UTC)
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -1,0 +1,237 @@
+"""What policyd, Caddy and meterd must agree on.
+
+This module is dependency-free on purpose: meterd imports it, and the Caddyfiles and
+docs name the same headers and log fields. Change a name here and in `caddy/` together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from importlib import resources
+from typing import Final
+
+__all__ = [
+    "AUTHZ_PATH",
+    "COPIED_HEADERS",
+    "H_BODY",
+    "H_GRANT",
+    "H_RATE_REQUESTS",
+    "H_RATE_TOKENS",
+    "H_REFUSAL",
+    "H_REQUEST_ID",
+    "KEY_PREFIX_LEN",
+    "KEY_SCHEME",
+    "LEGACY_LOG_FIELDS",
+    "LEGACY_PROMPT_LOG_FIELD",
+    "LOG_GRANT",
+    "RATE_LIMIT_HEADERS",
+    "Grant",
+    "Surface",
+    "admit_script",
+    "calendar_day",
+    "calendar_month",
+    "load_script",
+    "parse_grant",
+    "redis_key_record",
+    "redis_reservation",
+    "settle_call",
+    "settle_script",
+    "tenant_base",
+    "tenant_slot",
+]
+
+#: Where Caddy's forward_auth asks policyd.
+AUTHZ_PATH: Final = "/authz"
+
+#: Request header Caddy fills with `{http.request.body_base64}` for policyd only.
+H_BODY: Final = "X-Nz-Body"
+#: Caddy's `{http.request.uuid}`: one id for policyd, Ollama and the access log.
+H_REQUEST_ID: Final = "X-Request-Id"
+
+#: On refusals only: a short machine-readable reason code (sent to the client too).
+H_REFUSAL: Final = "X-Nz-Refusal"
+
+# What policyd answers on 2xx. Caddy deletes any client-sent copy, then copies these
+# onto the proxied request. Each copied name costs Caddy two routes per request, so the
+# verdict travels as one value (`Grant`) and the rate-limit figures as one per unit.
+#: The verdict for Caddy's matchers and meterd's log field, see `Grant.encode`.
+H_GRANT: Final = "X-Nz-Grant"
+#: "<limit> <remaining> <reset seconds>" of the request limit, only when one applies.
+H_RATE_REQUESTS: Final = "X-Nz-Rate-Requests"
+#: The same for the token limit.
+H_RATE_TOKENS: Final = "X-Nz-Rate-Tokens"
+
+COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS)
+
+#: OpenAI-style rate-limit headers Caddy sets on the client's response (streams
+#: included) from `H_RATE_REQUESTS` and `H_RATE_TOKENS`.
+RATE_LIMIT_HEADERS: Final = tuple(
+    f"X-Ratelimit-{kind}-{unit}"
+    for unit in ("Requests", "Tokens")
+    for kind in ("Limit", "Remaining", "Reset")
+)
+
+#: The top-level access-log field `log_append` fills with the grant after forward_auth.
+LOG_GRANT: Final = "nz_grant"
+#: One field per value, as Caddyfiles before the grant logged them (meterd still reads
+#: them, so lines written before an upgrade settle): field -> grant name.
+LEGACY_LOG_FIELDS: Final = {
+    "nz_key_id": "key",
+    "nz_key_prefix": "prefix",
+    "nz_tenant_id": "tenant",
+    "nz_surface": "surface",
+    "nz_model": "model",
+    "nz_stream": "stream",
+    "nz_stream_usage": "usage",
+    "nz_reserved": "reserved",
+}
+#: The legacy field carrying the prompt-logging flag ("1"), folded into `log` now.
+LEGACY_PROMPT_LOG_FIELD: Final = "nz_prompt_log"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Grant:
+    """An admitted request as Caddy and meterd see it: the value of `H_GRANT`."""
+
+    key_id: str
+    key_prefix: str
+    tenant_id: str
+    surface: str
+    stream: bool
+    #: Caddy logs the response body (non-streamed replies that carry usage).
+    capture: bool = False
+    #: Caddy logs the request body (the key opted into prompt logging).
+    prompt_log: bool = False
+    #: An OpenAI stream asked for `stream_options.include_usage`.
+    stream_usage: bool = False
+    #: Tokens reserved at admission (estimated prompt + maximum output).
+    reserved: int | None = None
+    model: str | None = None
+
+    def encode(self) -> str:
+        """`log=<c|-><p|-> key=… prefix=… tenant=… surface=… stream=0|1 usage=0|1 …`.
+
+        Space-separated name=value pairs. `log` comes first, so Caddy's header matchers
+        test the flags by prefix (`log=c*`) where no other value can reach; `model`,
+        the only value a client chooses (printable ASCII, no spaces), comes last.
+        """
+        parts = [
+            f"log={'c' if self.capture else '-'}{'p' if self.prompt_log else '-'}",
+            f"key={self.key_id}",
+            f"prefix={self.key_prefix}",
+            f"tenant={self.tenant_id}",
+            f"surface={self.surface}",
+            f"stream={int(self.stream)}",
+            f"usage={int(self.stream_usage)}",
+        ]
+        if self.reserved is not None:
+            parts.append(f"reserved={self.reserved}")
+        if self.model is not None:
+            parts.append(f"model={self.model}")
+        return " ".join(parts)
+
+
+def parse_grant(value: str) -> dict[str, str]:
+    """The name=value pairs of an encoded grant, unchecked (the first of a name counts)."""
+    fields: dict[str, str] = {}
+    for token in value.split(" "):
+        name, sep, item = token.partition("=")
+        if sep and name not in fields:
+            fields[name] = item
+    return fields
+
+
+#: Keys look like `nz_<8 lowercase base32 chars>_<43 base62 chars>`.
+KEY_SCHEME: Final = "nz_"
+KEY_PREFIX_LEN: Final = 8
+
+
+class Surface(enum.StrEnum):
+    """Which API the caller speaks; decides the error format."""
+
+    OLLAMA = "ollama"
+    OPENAI = "openai"
+
+
+def redis_key_record(prefix: str) -> str:
+    """Redis key holding the cached record of an API key (by its public prefix)."""
+    return f"nz:key:{{{prefix}}}"
+
+
+def tenant_slot(tenant_id: str) -> str:
+    """Hash-slot tag shared by every Redis key of one tenant, so scripts stay atomic."""
+    return f"{{t:{tenant_id}}}"
+
+
+def redis_reservation(tenant_id: str, request_id: str) -> str:
+    """Redis hash recording what admission reserved for one request (settled by meterd)."""
+    return f"nz:{tenant_slot(tenant_id)}:res:{request_id}"
+
+
+def tenant_base(tenant_id: str) -> str:
+    """Common prefix of one tenant's Redis keys; the Lua scripts derive the same names."""
+    return f"nz:{tenant_slot(tenant_id)}:"
+
+
+def calendar_day(at: dt.datetime) -> str:
+    """Budget day of a moment (UTC calendar), e.g. `20261126`."""
+    # Not strftime: it reads /etc/localtime on every call when TZ is unset (meterd calls
+    # this per log line).
+    day = at.astimezone(dt.UTC)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+def calendar_month(at: dt.datetime) -> str:
+    """Budget month of a moment (UTC calendar), e.g. `202611`."""
+    month = at.astimezone(dt.UTC)
+    return f"{month.year:04d}{month.month:02d}"
+
+
+def _lua(name: str) -> str:
+    return resources.files("policyd").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def admit_script() -> str:
+    """Lua source of the admission script (`policyd/shared/lua/admit.lua`)."""
+    return _lua("admit.lua")
+
+
+def load_script() -> str:
+    """Lua source of the tenant counter rebuild (`policyd/shared/lua/load.lua`)."""
+    return _lua("load.lua")
+
+
+def settle_script() -> str:
+    """Lua source of the settle script (`policyd/shared/lua/settle.lua`)."""
+    return _lua("settle.lua")
+
+
+def settle_call(
+    *,
+    tenant_id: str,
+    key_id: str,
+    request_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    requested_at: dt.datetime,
+    ledger_ms: int,
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV for one settle: `redis.eval(settle_script(), len(keys), *keys, *args)`.
+
+    `requested_at` is when the request was admitted (it picks the budget day and the
+    TPM bucket); `ledger_ms` is when its usage was committed to Postgres.
+    """
+    keys = [redis_reservation(tenant_id, request_id)]
+    args: list[str | int] = [
+        request_id,
+        max(0, prompt_tokens),
+        max(0, completion_tokens),
+        ledger_ms,
+        key_id,
+        calendar_day(requested_at),
+        calendar_month(requested_at),
+        int(requested_at.timestamp()),
+    ]
+    return keys, args
