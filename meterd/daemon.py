@@ -28,7 +28,6 @@ from typing import Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 
 from meterd import health
 from meterd.db import create_pool, is_pg_outage
@@ -40,6 +39,7 @@ from meterd.sweep import Sweeper, hold_off_s
 from meterd.tail import Checkpoint, Follower, Line, start_of
 from meterd.usage import Calibration, measure
 from policyd.shared import contract
+from policyd.shared.errors import is_redis_outage
 
 __all__ = ["Daemon", "is_outage", "run"]
 
@@ -54,22 +54,12 @@ _CLOSE_S: Final = 5.0
 #: Lines parsed between two looks at the settlement running meanwhile (`_read_ahead`).
 _PARSE_SLICE: Final = 50
 
-# Redis errors that mean "unavailable right now", as opposed to a bug (Postgres's: db.py).
-_REDIS_OUTAGES: Final = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
-    redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
-)
-
 
 def is_outage(exc: BaseException) -> bool:
     """Whether `exc` is Postgres or Redis being unavailable (retry) rather than a bug."""
-    if isinstance(exc, (*_REDIS_OUTAGES, OSError, asyncio.TimeoutError)):
-        return True
-    return is_pg_outage(exc)
+    # Redis's classification is policyd's too (policyd.shared.errors); Postgres's is
+    # asyncpg's own (db.py).
+    return is_redis_outage(exc) or is_pg_outage(exc)
 
 
 #: Lines read ahead, with what parse_line made of each.

@@ -14,14 +14,11 @@ from typing import Final
 import attrs
 
 from policyd.shared.envreader import EnvReader
+from policyd.shared.errors import SettingsError
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
 _MAX_NODE_LEN: Final = 200
-
-
-class SettingsError(Exception):
-    """The environment does not describe a usable configuration."""
 
 
 @attrs.frozen(kw_only=True)

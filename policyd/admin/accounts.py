@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.shared.contract import redis_key_record
+from policyd.shared.errors import GatewayError
 from policyd.shared.keys import generate_key, is_prefix
 from policyd.shared.tables import api_keys, tenants
 
@@ -44,7 +45,7 @@ _MAX_KEY_NAME: Final = 100
 _PREFIX_ATTEMPTS: Final = 5
 
 
-class AdminError(Exception):
+class AdminError(GatewayError):
     """An operator request that cannot be carried out; the message says why."""
 
 

@@ -19,13 +19,14 @@ from litestar import Request, Response, get
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.authz.health import probe_all
-from policyd.authz.keystore import KeyStore, StoreUnavailable
+from policyd.authz.keystore import KeyStore
 from policyd.authz.lastused import LastUsedTracker
 from policyd.authz.limits import Limiter
 from policyd.authz.refusals import Reason, Refusal, render
 from policyd.authz.screening import admit, check_key_policy, reservation, screen_request
 from policyd.authz.settings import Settings
 from policyd.shared.contract import Surface
+from policyd.shared.errors import StoreUnavailable
 
 __all__ = ["Services", "Verdict", "decide_authz", "healthz", "readyz", "statsz"]
 

@@ -26,11 +26,12 @@ from policyd.authz.records import KeyRecord, Limits, decode_record, encode_recor
 from policyd.authz.refusals import Reason
 from policyd.authz.settings import Settings
 from policyd.shared.contract import redis_key_record
+from policyd.shared.errors import redis_failure, sql_failure
 from policyd.shared.keys import keyed_digest, parse_key, verify_key_hash
 from policyd.shared.resp import RespClient
 from policyd.shared.tables import LIMIT_COLUMNS, api_keys, tenants
 
-__all__ = ["AuthResult", "KeyStore", "StoreUnavailable", "key_lookup_query"]
+__all__ = ["AuthResult", "KeyStore", "key_lookup_query"]
 
 _log = logging.getLogger("policyd.authz.keystore")
 
@@ -52,10 +53,6 @@ _UNKNOWN_RECORD: Final = KeyRecord(
     key_limits=Limits(),
     tenant_limits=Limits(),
 )
-
-
-class StoreUnavailable(Exception):
-    """Redis or Postgres could not answer in time; the request must be refused (503)."""
 
 
 @attrs.frozen
@@ -144,7 +141,7 @@ class KeyStore:
                 else:
                     raw = cast(bytes | None, await self._redis.get(redis_key_record(prefix)))
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise redis_failure(exc) from exc
         if raw is None:
             self._local.pop(prefix, None)
             return None
@@ -164,7 +161,7 @@ class KeyStore:
                 async with self._engine.connect() as conn:
                     row = (await conn.execute(key_lookup_query(prefix))).one_or_none()
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"postgres: {type(exc).__name__}") from exc
+            raise sql_failure(exc) from exc
         if row is None:
             await self._remember_unknown(prefix)
             return None
@@ -193,7 +190,7 @@ class KeyStore:
                     ex=self._settings.redis_key_ttl_s,
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise redis_failure(exc) from exc
         self._local[prefix] = (time.monotonic(), record)
         return record
 
@@ -207,4 +204,4 @@ class KeyStore:
                     nx=True,
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise redis_failure(exc) from exc

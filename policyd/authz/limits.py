@@ -18,7 +18,6 @@ import attrs
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from policyd.authz.keystore import StoreUnavailable
 from policyd.authz.records import KeyRecord
 from policyd.authz.refusals import Reason, Refusal
 from policyd.shared.contract import (
@@ -29,6 +28,7 @@ from policyd.shared.contract import (
     calendar_month,
     tenant_base,
 )
+from policyd.shared.errors import StoreUnavailable, redis_failure
 from policyd.shared.resp import RespClient
 
 __all__ = [
@@ -287,7 +287,7 @@ class Limiter:
                     self._sha = await runner.script_load(self._source)
                     result = await runner.evalsha(self._sha, len(keys), *keys, *args)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise redis_failure(exc) from exc
         return [int(v) for v in result]
 
     def _refusal(self, record: KeyRecord, detail: list[int], now: dt.datetime) -> Refusal:

@@ -20,10 +20,10 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.authz.keystore import StoreUnavailable
 from policyd.authz.limits import next_day, next_month
 from policyd.authz.records import KeyRecord
 from policyd.shared.contract import calendar_day, calendar_month, tenant_base
+from policyd.shared.errors import redis_failure, sql_failure
 from policyd.shared.tables import usage_ledger
 
 __all__ = ["TenantLoader"]
@@ -74,7 +74,7 @@ class TenantLoader:
                 async with self._engine.connect() as conn:
                     rows = (await conn.execute(stmt)).all()
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"postgres: {type(exc).__name__}") from exc
+            raise sql_failure(exc) from exc
         day, month = calendar_day(now), calendar_month(now)
         day_ttl = int((next_day(now) - now).total_seconds()) + 86400
         month_ttl = int((next_month(now) - now).total_seconds()) + 86400
@@ -92,4 +92,4 @@ class TenantLoader:
             async with asyncio.timeout(self._timeout_s):
                 await self._redis.eval(self._script, 1, f"{tenant_base(tenant_id)}loaded", *args)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise redis_failure(exc) from exc

@@ -12,15 +12,12 @@ from typing import Final
 import attrs
 
 from policyd.shared.envreader import EnvReader
+from policyd.shared.errors import SettingsError
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
 
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 _MIN_SECRET_LEN: Final = 32
-
-
-class SettingsError(Exception):
-    """The environment does not describe a usable configuration."""
 
 
 @attrs.frozen(kw_only=True)

@@ -190,7 +190,7 @@ def calendar_month(at: dt.datetime) -> str:
 
 
 def _lua(name: str) -> str:
-    return resources.files("policyd").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("policyd.shared").joinpath("lua", name).read_text(encoding="utf-8")
 
 
 def admit_script() -> str:

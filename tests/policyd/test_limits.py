@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policyd.authz.keystore import StoreUnavailable
 from policyd.authz.limits import Limiter, effective_limits, next_day, next_month
 from policyd.authz.records import KeyRecord, Limits
 from policyd.authz.refusals import Reason
@@ -25,6 +24,7 @@ from policyd.shared.contract import (
     settle_script,
     tenant_base,
 )
+from policyd.shared.errors import StoreUnavailable
 
 
 class Clock:

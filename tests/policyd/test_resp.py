@@ -14,9 +14,9 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from compose.local.services import RedisServer, Service
-from policyd.authz.keystore import StoreUnavailable
 from policyd.authz.limits import Limiter
 from policyd.authz.records import KeyRecord, Limits
+from policyd.shared.errors import StoreUnavailable
 from policyd.shared.resp import RespClient, encode_command, redis_address, supports
 
 __all__: list[str] = []
