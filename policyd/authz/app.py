@@ -18,12 +18,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd.authz.endpoints import Services, healthz, readyz, statsz
+from policyd.authz.endpoints import healthz, readyz, statsz
 from policyd.authz.fastpath import PolicyApp
 from policyd.authz.keystore import KeyStore
 from policyd.authz.lastused import LastUsedTracker
 from policyd.authz.limits import Limiter
 from policyd.authz.rebuild import TenantLoader
+from policyd.authz.services import Services
 from policyd.authz.settings import Settings, load_settings
 from policyd.shared.contract import load_script
 from policyd.shared.resp import RespClient, supports

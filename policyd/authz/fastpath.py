@@ -15,7 +15,8 @@ from typing import Any, Final
 
 from litestar import Litestar
 
-from policyd.authz.endpoints import Services, decide_authz
+from policyd.authz.decision import decide_authz
+from policyd.authz.services import Services
 from policyd.shared.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID
 
 __all__ = ["PolicyApp"]

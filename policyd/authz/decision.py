@@ -1,0 +1,106 @@
+"""The decision for one forward_auth call: path and body, key, key policy, admission.
+
+`decide_authz` turns forward_auth's headers into a `Verdict`; `fastpath` serves it without
+a web framework (it is the hot path). The rules themselves live in `screening` (path,
+body, key policy, the grant), `keystore` (the key) and `limits` (admission).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Final
+
+import attrs
+
+from policyd.authz.refusals import Reason, Refusal, render
+from policyd.authz.screening import admit, check_key_policy, reservation, screen_request
+from policyd.authz.services import Services
+from policyd.shared.contract import Surface
+from policyd.shared.errors import StoreUnavailable
+
+__all__ = ["Verdict", "decide_authz"]
+
+_log = logging.getLogger("policyd.authz")
+
+_UNAVAILABLE: Final = Refusal(
+    reason=Reason.UNAVAILABLE,
+    message="the gateway cannot verify this request right now; try again shortly",
+    headers=(("retry-after", "1"),),
+)
+
+
+@attrs.frozen
+class Verdict:
+    """policyd's answer to one forward_auth call, before any HTTP framework sees it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
+    status, body, headers = render(refusal, surface, request_id=request_id)
+    return Verdict(status, headers, body)
+
+
+async def decide_authz(
+    services: Services,
+    *,
+    method: str,
+    target: str,
+    body: str | None,
+    authorization: str | None,
+    request_id: str,
+) -> Verdict:
+    """Decide one request for Caddy: 2xx with X-Nz-* headers, or the client's refusal.
+
+    The arguments are forward_auth's headers: X-Forwarded-Method, X-Forwarded-Uri,
+    X-Nz-Body, Authorization and X-Request-Id.
+    """
+    screened = screen_request(method, target, body, max_body_bytes=services.settings.max_body_bytes)
+    if screened.refusal is not None:
+        _log.info("refused %s: %s", request_id, screened.refusal.reason)
+        return _refused(screened.refusal, screened.surface, request_id)
+    try:
+        result = await services.keys.authenticate(authorization)
+    except StoreUnavailable as exc:
+        _log.warning("failing closed for %s: %s", request_id, exc)
+        return _refused(_UNAVAILABLE, screened.surface, request_id)
+    if result.record is None:
+        assert result.refusal is not None
+        _log.info("refused %s: %s", request_id, result.refusal)
+        refusal = Refusal(reason=result.refusal, message=_AUTH_MESSAGES[result.refusal])
+        return _refused(refusal, screened.surface, request_id)
+    record = result.record
+    services.last_used.touch(record.key_id)
+    policy_refusal = check_key_policy(screened, record)
+    if policy_refusal is not None:
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
+        return _refused(policy_refusal, screened.surface, request_id)
+    reserved = reservation(screened, record)
+    try:
+        admission = await services.limiter.admit(
+            record, request_id=request_id or uuid.uuid4().hex, reserve=reserved
+        )
+    except StoreUnavailable as exc:
+        _log.warning("failing closed for %s: %s", request_id, exc)
+        return _refused(_UNAVAILABLE, screened.surface, request_id)
+    if admission.refusal is not None:
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, admission.refusal.reason)
+        limited = attrs.evolve(
+            admission.refusal, headers=admission.refusal.headers + admission.headers
+        )
+        return _refused(limited, screened.surface, request_id)
+    upstream = admit(screened, record, reserved=reserved)
+    upstream.extend(admission.headers)
+    return Verdict(200, upstream)
+
+
+_AUTH_MESSAGES: Final = {
+    Reason.MISSING_KEY: "missing API key: send 'Authorization: Bearer nz_...'",
+    Reason.MALFORMED_KEY: "malformed API key",
+    Reason.INVALID_KEY: "invalid API key",
+    Reason.REVOKED_KEY: "this API key has been revoked",
+    Reason.EXPIRED_KEY: "this API key has expired",
+}
