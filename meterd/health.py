@@ -17,16 +17,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from meterd.settings import Settings
+from policyd.shared import keyspace
 
-__all__ = ["Beat", "heartbeat_key", "publish", "read_beat", "run_check"]
+__all__ = ["Beat", "publish", "read_beat", "run_check"]
 
 _EXIT_OK: Final = 0
 _EXIT_STALE: Final = 1
-
-
-def heartbeat_key(node: str) -> str:
-    """The Redis key of one node's heartbeat."""
-    return f"nz:meterd:heartbeat:{node}"
 
 
 @attrs.frozen(kw_only=True)
@@ -53,11 +49,11 @@ _ENCODE: Final = msgspec.json.Encoder()
 
 async def publish(redis: aioredis.Redis, beat: Beat, *, ttl_s: int) -> None:
     """Write the beat with its expiry in one command."""
-    await redis.set(heartbeat_key(beat.node), _ENCODE.encode(attrs.asdict(beat)), ex=ttl_s)
+    await redis.set(keyspace.heartbeat(beat.node), _ENCODE.encode(attrs.asdict(beat)), ex=ttl_s)
 
 
 async def read_beat(redis: aioredis.Redis, node: str) -> Beat | None:
-    raw = await redis.get(heartbeat_key(node))
+    raw = await redis.get(keyspace.heartbeat(node))
     if raw is None:
         return None
     try:

@@ -41,7 +41,7 @@ from meterd.parse import Event
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
 from meterd.usage import CalibrationRow, Observation, Usage
-from policyd.shared import contract
+from policyd.shared import keyspace
 from policyd.shared.retention import prune_expired_prompts
 
 __all__ = [
@@ -56,6 +56,9 @@ __all__ = [
 _log: Final = logging.getLogger(__name__)
 
 _U64: Final = 2**64
+
+#: settle.lua's answer when the reservation holds another budget day or month than KEYS.
+_OTHER_CALENDAR: Final = 5
 
 _LOAD_CHECKPOINT: Final = """
 SELECT dev, inode, byte_offset, fingerprint, fingerprint_len, updated_at
@@ -118,9 +121,10 @@ class RedisSettlement:
 async def settle_in_redis(script: SettleScript, items: Sequence[RedisSettlement]) -> None:
     """Release leases and replace reservations by actual usage: one script call per request.
 
-    Arguments come from `policyd.shared.contract.settle_call` (reservation key; request id,
-    tokens, ledger time, key id, the admission's budget day/month/second); the whole
-    batch is one round trip (`settle_script.py`).
+    Arguments come from `keyspace.settle_call` (every key the script touches; request id,
+    tokens, ledger time, the admission's budget day/month/second); the whole batch is one
+    round trip (`settle_script.py`). A request admitted just after midnight (its log line
+    names the second before) is called again with the day and month its reservation holds.
     """
     calls = []
     for item in items:
@@ -128,7 +132,8 @@ async def settle_in_redis(script: SettleScript, items: Sequence[RedisSettlement]
         if event.tenant_id is None or event.key_id is None:
             continue  # refused before admission: nothing was reserved
         calls.append(
-            contract.settle_call(
+            functools.partial(
+                keyspace.settle_call,
                 tenant_id=_text(event.tenant_id),
                 key_id=_text(event.key_id),
                 request_id=str(event.request_id),
@@ -138,10 +143,24 @@ async def settle_in_redis(script: SettleScript, items: Sequence[RedisSettlement]
                 ledger_ms=item.ledger_ms,
             )
         )
-    results = await script.run(calls)
+    results = await script.run([call() for call in calls])
+    moved = [i for i, r in enumerate(results) if _other_calendar(r)]
+    if moved:
+        again = [calls[i](day=_ascii(results[i][1]), month=_ascii(results[i][2])) for i in moved]
+        for i, result in zip(moved, await script.run(again), strict=True):
+            results[i] = result
     unusual = [r for r in results if not (isinstance(r, list) and r and r[0] in (0, 1))]
     if unusual:
         _log.info("settled %d requests without their reservation: %s", len(unusual), unusual[:5])
+
+
+def _other_calendar(result: object) -> bool:
+    """The settle script's "reservation is on another budget day/month" answer."""
+    return isinstance(result, list) and len(result) == 3 and result[0] == _OTHER_CALENDAR
+
+
+def _ascii(value: object) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
 class Store:

@@ -42,15 +42,14 @@ import msgspec
 import redis.asyncio as aioredis
 
 from meterd import writes
-from meterd.health import heartbeat_key
 from meterd.parse import Event
 from meterd.settle import Record, RedisSettlement, settle_in_redis
 from meterd.settle_script import SettleScript
 from meterd.usage import Source, Usage
+from policyd.shared import keyspace
 
 __all__ = [
     "MISSING_LINE",
-    "RESERVATION_PATTERN",
     "Reservation",
     "Sweeper",
     "hold_off_s",
@@ -61,11 +60,8 @@ _log: Final = logging.getLogger(__name__)
 
 #: The audit row's `refusal` for a request charged at its reservation by the sweep.
 MISSING_LINE: Final = "log_line_missing"
-#: SCAN pattern of admission's reservation hashes (contract.redis_reservation).
-RESERVATION_PATTERN: Final = "nz:{t:*}:res:*"
 
 _SCAN_COUNT: Final = 500
-_HEARTBEATS: Final = heartbeat_key("*")
 _MAX_TOKENS: Final = 2**62
 
 # The key's public prefix, for the audit row and the warning; the key may be gone.
@@ -93,8 +89,8 @@ def _text(fields: Mapping[bytes, bytes], name: bytes) -> str:
 def parse_reservation(redis_key: bytes | str, fields: Mapping[bytes, bytes]) -> Reservation | None:
     """The reservation in one hash; None when it is gone or not what admission writes."""
     name = redis_key.decode("ascii", "replace") if isinstance(redis_key, bytes) else redis_key
-    _, sep, request_part = name.rpartition(":res:")
-    if not sep or not fields:
+    request_part = keyspace.reservation_request_id(name)
+    if request_part is None or not fields:
         return None
     try:
         tokens = int(_text(fields, b"tok"))
@@ -117,7 +113,7 @@ async def hold_off_s(redis: aioredis.Redis) -> float | None:
     A node that has settled nothing since it started reports lag bytes without a lag in
     seconds: how far behind it is is unknown, so nothing is swept until it knows.
     """
-    keys = [k async for k in redis.scan_iter(match=_HEARTBEATS, count=_SCAN_COUNT)]
+    keys = [k async for k in redis.scan_iter(match=keyspace.HEARTBEAT_PATTERN, count=_SCAN_COUNT)]
     if not keys:
         return 0.0
     worst = 0.0
@@ -187,7 +183,7 @@ class Sweeper:
         cursor: int = 0
         while True:
             cursor, keys = await self._redis.scan(
-                cursor, match=RESERVATION_PATTERN, count=self._scan_count
+                cursor, match=keyspace.RESERVATION_PATTERN, count=self._scan_count
             )
             if keys:
                 overdue = await self._overdue(keys, cutoff_ms)

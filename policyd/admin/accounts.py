@@ -20,9 +20,9 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.shared.contract import redis_key_record
 from policyd.shared.errors import GatewayError
 from policyd.shared.keys import generate_key, is_prefix
+from policyd.shared.keyspace import key_record
 from policyd.shared.tables import api_keys, tenants
 
 __all__ = [
@@ -253,7 +253,7 @@ async def invalidate_keys(redis: aioredis.Redis, prefixes: list[str]) -> None:
     if not prefixes:
         return
     try:
-        await redis.delete(*(redis_key_record(p) for p in prefixes))
+        await redis.delete(*(key_record(p) for p in prefixes))
     except (RedisError, OSError) as exc:
         raise CacheInvalidationError(
             f"the change is saved, but Redis could not be updated ({type(exc).__name__}); "

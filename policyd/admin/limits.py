@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.admin.accounts import AdminError, invalidate_keys
-from policyd.authz.limits import DIMENSIONS
-from policyd.shared.contract import calendar_day, calendar_month, tenant_base
+from policyd.shared.contract import calendar_day, calendar_month
 from policyd.shared.keys import is_prefix
+from policyd.shared.keyspace import DIMENSIONS, scope_keys
 from policyd.shared.tables import LIMIT_COLUMNS, api_keys, tenants
 
 __all__ = [
@@ -193,18 +193,17 @@ async def usage(
     moment = now if now is not None else time.time()
     now_s, now_ms = int(moment), int(moment * 1000)
     at = dt.datetime.fromtimestamp(moment, dt.UTC)
-    base = tenant_base(str(target.tenant_id))
-    # Same names as the admission script: `<dim>:k:<key id>` or `<dim>:t`.
-    scope = f"k:{target.key_id}" if target.key_id is not None else "t"
-    day_key = f"{base}day:{scope}:{calendar_day(at)}"
-    month_key = f"{base}mon:{scope}:{calendar_month(at)}"
+    key_id = str(target.key_id) if target.key_id is not None else None
+    rpm_key, tpm_key, conc_key, day_key, month_key, total_key = scope_keys(
+        str(target.tenant_id), key_id, day=calendar_day(at), month=calendar_month(at)
+    )
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(f"{base}rpm:{scope}")
-        pipe.hgetall(f"{base}tpm:{scope}")
-        pipe.zcount(f"{base}conc:{scope}", now_ms, "+inf")
+        pipe.hgetall(rpm_key)
+        pipe.hgetall(tpm_key)
+        pipe.zcount(conc_key, now_ms, "+inf")
         pipe.get(day_key)
         pipe.get(month_key)
-        pipe.get(f"{base}tot:{scope}")
+        pipe.get(total_key)
         rpm, tpm, conc, day, month, total = await pipe.execute()
     used = [
         _window_sum(rpm, now_s),

@@ -25,9 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from policyd.authz.records import KeyRecord, Limits, decode_record, encode_record, limits_from_row
 from policyd.authz.refusals import Reason
 from policyd.authz.settings import Settings
-from policyd.shared.contract import redis_key_record
 from policyd.shared.errors import redis_failure, sql_failure
 from policyd.shared.keys import keyed_digest, parse_key, verify_key_hash
+from policyd.shared.keyspace import key_record
 from policyd.shared.resp import RespClient
 from policyd.shared.tables import LIMIT_COLUMNS, api_keys, tenants
 
@@ -137,9 +137,9 @@ class KeyStore:
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
                 if self._hot is not None:
-                    raw = await self._hot.get(redis_key_record(prefix))
+                    raw = await self._hot.get(key_record(prefix))
                 else:
-                    raw = cast(bytes | None, await self._redis.get(redis_key_record(prefix)))
+                    raw = cast(bytes | None, await self._redis.get(key_record(prefix)))
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc
         if raw is None:
@@ -185,7 +185,7 @@ class KeyStore:
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
                 await self._redis.set(
-                    redis_key_record(prefix),
+                    key_record(prefix),
                     encode_record(record),
                     ex=self._settings.redis_key_ttl_s,
                 )
@@ -198,7 +198,7 @@ class KeyStore:
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
                 await self._redis.set(
-                    redis_key_record(prefix),
+                    key_record(prefix),
                     _UNKNOWN,
                     ex=self._settings.negative_cache_ttl_s,
                     nx=True,

@@ -26,9 +26,9 @@ from policyd.shared.contract import (
     admit_script,
     calendar_day,
     calendar_month,
-    tenant_base,
 )
 from policyd.shared.errors import StoreUnavailable, redis_failure
+from policyd.shared.keyspace import DIMENSIONS, admission_keys
 from policyd.shared.resp import RespClient
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
     "next_month",
 ]
 
-#: Limit dimensions in the order the admission script checks them.
-DIMENSIONS: Final = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens", "total_tokens")
 _TOKEN_DIMENSIONS: Final = ("tpm", "daily_tokens", "monthly_tokens", "total_tokens")
 _LABELS: Final = {
     "rpm": "requests-per-minute limit",
@@ -223,26 +221,10 @@ class Limiter:
         reserve: int,
         now_ts: float,
     ) -> tuple[list[str], list[str | int]]:
-        base = tenant_base(record.tenant_id)
         kid = record.key_id
         cal = self._calendar_at(now_ts)
         day, month = cal.day, cal.month
-        keys = [
-            f"{base}rpm:k:{kid}",
-            f"{base}rpm:t",
-            f"{base}tpm:k:{kid}",
-            f"{base}tpm:t",
-            f"{base}conc:k:{kid}",
-            f"{base}conc:t",
-            f"{base}day:k:{kid}:{day}",
-            f"{base}day:t:{day}",
-            f"{base}mon:k:{kid}:{month}",
-            f"{base}mon:t:{month}",
-            f"{base}tot:k:{kid}",
-            f"{base}tot:t",
-            f"{base}res:{request_id}",
-            f"{base}loaded",
-        ]
+        keys = admission_keys(record.tenant_id, kid, request_id, day=day, month=month)
         # Day and month counters outlive their window by a day, so late settlements
         # of yesterday's requests still find them.
         day_ttl = int(cal.next_day_s - now_ts) + 86400

@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.authz.limits import next_day, next_month
 from policyd.authz.records import KeyRecord
-from policyd.shared.contract import calendar_day, calendar_month, tenant_base
+from policyd.shared.contract import calendar_day, calendar_month
 from policyd.shared.errors import redis_failure, sql_failure
+from policyd.shared.keyspace import BudgetCounter, load_call, scope_keys
 from policyd.shared.tables import usage_ledger
 
 __all__ = ["TenantLoader"]
@@ -78,18 +79,19 @@ class TenantLoader:
         day, month = calendar_day(now), calendar_month(now)
         day_ttl = int((next_day(now) - now).total_seconds()) + 86400
         month_ttl = int((next_month(now) - now).total_seconds()) + 86400
-        args: list[str | int] = [started_ms]
+        counters: list[BudgetCounter] = []
         sums = [0, 0, 0]
-        for key_id, on_day, in_month, total in rows:
-            args += [f"day:k:{key_id}:{day}", int(on_day), day_ttl]
-            args += [f"mon:k:{key_id}:{month}", int(in_month), month_ttl]
-            args += [f"tot:k:{key_id}", int(total), 0]
-            sums = [sums[0] + int(on_day), sums[1] + int(in_month), sums[2] + int(total)]
-        args += [f"day:t:{day}", sums[0], day_ttl]
-        args += [f"mon:t:{month}", sums[1], month_ttl]
-        args += ["tot:t", sums[2], 0]
+        ttls = (day_ttl, month_ttl, 0)
+        for key_id, *figures in rows:
+            values = [int(v) for v in figures]
+            budget = scope_keys(tenant_id, str(key_id), day=day, month=month)[3:]
+            counters += zip(budget, values, ttls, strict=True)
+            sums = [s + v for s, v in zip(sums, values, strict=True)]
+        budget = scope_keys(tenant_id, None, day=day, month=month)[3:]
+        counters += zip(budget, sums, ttls, strict=True)
+        keys, args = load_call(tenant_id, now_ms=started_ms, counters=counters)
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._redis.eval(self._script, 1, f"{tenant_base(tenant_id)}loaded", *args)
+                await self._redis.eval(self._script, len(keys), *keys, *args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc

@@ -1,6 +1,6 @@
 """The cached view of one API key: identity, status, and the limits of key and tenant.
 
-Stored in Redis as msgspec JSON under `contract.redis_key_record(prefix)`, and held in
+Stored in Redis as msgspec JSON under `keyspace.key_record(prefix)`, and held in
 each policyd process for a fraction of a second. It carries the keyed digest of the key,
 never the key or its Argon2 hash.
 """

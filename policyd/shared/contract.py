@@ -2,6 +2,7 @@
 
 This module is dependency-free on purpose: meterd imports it, and the Caddyfiles and
 docs name the same headers and log fields. Change a name here and in `caddy/` together.
+Redis key names live in `keyspace`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,7 @@ __all__ = [
     "calendar_month",
     "load_script",
     "parse_grant",
-    "redis_key_record",
-    "redis_reservation",
-    "settle_call",
     "settle_script",
-    "tenant_base",
-    "tenant_slot",
 ]
 
 #: Where Caddy's forward_auth asks policyd.
@@ -155,26 +151,6 @@ class Surface(enum.StrEnum):
     OPENAI = "openai"
 
 
-def redis_key_record(prefix: str) -> str:
-    """Redis key holding the cached record of an API key (by its public prefix)."""
-    return f"nz:key:{{{prefix}}}"
-
-
-def tenant_slot(tenant_id: str) -> str:
-    """Hash-slot tag shared by every Redis key of one tenant, so scripts stay atomic."""
-    return f"{{t:{tenant_id}}}"
-
-
-def redis_reservation(tenant_id: str, request_id: str) -> str:
-    """Redis hash recording what admission reserved for one request (settled by meterd)."""
-    return f"nz:{tenant_slot(tenant_id)}:res:{request_id}"
-
-
-def tenant_base(tenant_id: str) -> str:
-    """Common prefix of one tenant's Redis keys; the Lua scripts derive the same names."""
-    return f"nz:{tenant_slot(tenant_id)}:"
-
-
 def calendar_day(at: dt.datetime) -> str:
     """Budget day of a moment (UTC calendar), e.g. `20261126`."""
     # Not strftime: it reads /etc/localtime on every call when TZ is unset (meterd calls
@@ -206,32 +182,3 @@ def load_script() -> str:
 def settle_script() -> str:
     """Lua source of the settle script (`policyd/shared/lua/settle.lua`)."""
     return _lua("settle.lua")
-
-
-def settle_call(
-    *,
-    tenant_id: str,
-    key_id: str,
-    request_id: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    requested_at: dt.datetime,
-    ledger_ms: int,
-) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV for one settle: `redis.eval(settle_script(), len(keys), *keys, *args)`.
-
-    `requested_at` is when the request was admitted (it picks the budget day and the
-    TPM bucket); `ledger_ms` is when its usage was committed to Postgres.
-    """
-    keys = [redis_reservation(tenant_id, request_id)]
-    args: list[str | int] = [
-        request_id,
-        max(0, prompt_tokens),
-        max(0, completion_tokens),
-        ledger_ms,
-        key_id,
-        calendar_day(requested_at),
-        calendar_month(requested_at),
-        int(requested_at.timestamp()),
-    ]
-    return keys, args

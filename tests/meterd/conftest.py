@@ -18,7 +18,8 @@ from meterd.settle import Store
 from meterd.settle_script import SettleScript
 from policyd.authz.limits import Limiter
 from policyd.authz.records import KeyRecord, Limits
-from policyd.shared.contract import load_script, settle_script, tenant_base
+from policyd.shared.contract import load_script, settle_script
+from policyd.shared.keyspace import tenant_base
 from policyd.shared.tables import api_keys, tenants
 from tests.meterd import records
 

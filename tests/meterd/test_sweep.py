@@ -21,13 +21,14 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meterd.health import heartbeat_key, read_beat
+from meterd.health import read_beat
 from meterd.settings import load_settings
 from meterd.sweep import MISSING_LINE, Sweeper, hold_off_s, parse_reservation
 from meterd.usage import Source
 from meterd.writes import insert_audit
 from policyd.authz.records import KeyRecord
-from policyd.shared.contract import redis_reservation
+from policyd.shared.keyspace import heartbeat as heartbeat_key
+from policyd.shared.keyspace import reservation as redis_reservation
 from policyd.shared.tables import audit_log, usage_ledger
 from tests.meterd.conftest import LEASE_S, Stores, admit, leases, spent
 from tests.meterd.process import Meterd

@@ -16,15 +16,9 @@ from hypothesis import strategies as st
 from policyd.authz.limits import Limiter, effective_limits, next_day, next_month
 from policyd.authz.records import KeyRecord, Limits
 from policyd.authz.refusals import Reason
-from policyd.shared.contract import (
-    H_RATE_REQUESTS,
-    H_RATE_TOKENS,
-    load_script,
-    settle_call,
-    settle_script,
-    tenant_base,
-)
+from policyd.shared.contract import H_RATE_REQUESTS, H_RATE_TOKENS, load_script, settle_script
 from policyd.shared.errors import StoreUnavailable
+from policyd.shared.keyspace import load_call, settle_call, tenant_base
 
 
 class Clock:
@@ -289,7 +283,7 @@ async def test_settle_after_redis_lost_the_reservation(redis: aioredis.Redis) ->
         requested_at=dt.datetime.now(dt.UTC),
         ledger_ms=now_ms - 1000,
     )
-    assert (await redis.eval(settle_script(), 1, *keys, *args))[0] == 3
+    assert (await redis.eval(settle_script(), len(keys), *keys, *args))[0] == 3
     assert await settle(redis, rec, "new", 7, 3) == 4
     assert int(await redis.get(f"{base}tot:t") or 0) == 10
 
@@ -301,7 +295,9 @@ async def test_unloaded_tenant_is_loaded_before_admission(redis: aioredis.Redis)
 
     async def load(rec: KeyRecord) -> None:
         calls.append(rec.tenant_id)
-        await redis.eval(source, 1, f"{tenant_base(rec.tenant_id)}loaded", 0, "tot:t", 95, 0)
+        total = f"{tenant_base(rec.tenant_id)}tot:t"
+        keys, args = load_call(rec.tenant_id, now_ms=0, counters=[(total, 95, 0)])
+        await redis.eval(source, len(keys), *keys, *args)
 
     limiter = Limiter(redis=redis, load_tenant=load, lease_ttl_s=60, timeout_s=2)
     rec = record(tenant=Limits(total_tokens=100))

@@ -1,17 +1,19 @@
 -- Settlement: replace a request's reservation by its actual usage and release its
 -- concurrency lease. Idempotent by request id. Called by meterd once per log line.
 --
--- KEYS: 1 reservation  (nz:{t:<tenant>}:res:<request id>; the other keys share its prefix)
+-- KEYS (keyspace.settle_call): 1 reservation 2 settled-marker 3 loaded-sentinel
+--       4 conc:k 5 conc:t 6 tpm:k 7 tpm:t 8 day:k 9 day:t 10 mon:k 11 mon:t 12 tot:k 13 tot:t
 -- ARGV: 1 request_id 2 prompt_tokens 3 completion_tokens 4 ledger_ms (when the usage was
---       made durable in Postgres) 5 key_id 6 day 7 month 8 request_s (admission second)
+--       made durable in Postgres) 5 day 6 month (those KEYS name) 7 request_s
 -- Returns {1} settled against its reservation, {0} already settled, {2} tenant not
 -- loaded (the rebuild will read the ledger), {3} counted by a rebuild already,
--- {4} settled without a reservation (Redis lost it; usage added as is).
+-- {4} settled without a reservation (Redis lost it; usage added as is), {5, day, month}
+-- nothing done: the reservation was charged to another budget day or month than KEYS
+-- name (admitted just after midnight); call again with those.
 
-local base = string.match(KEYS[1], '^(.-)res:')
 local rid = ARGV[1]
 local actual = tonumber(ARGV[2]) + tonumber(ARGV[3])
-local done = base .. 'done:' .. rid
+local done = KEYS[2]
 local MARK_TTL = 172800
 
 if redis.call('EXISTS', done) == 1 then
@@ -22,20 +24,22 @@ local rec = redis.call('HGETALL', KEYS[1])
 local fields = {}
 for i = 1, #rec, 2 do fields[rec[i]] = rec[i + 1] end
 
-local key_id, day, month, sec, delta, status
+local sec, delta, status
 -- Which TPM windows hold the reservation (reservations made before admission recorded
 -- this were charged to both).
 local charged = {fields['tk'] ~= '0', fields['tt'] ~= '0'}
 if fields['tok'] then
-  key_id, day, month = fields['k'], fields['day'], fields['mon']
+  if fields['day'] ~= ARGV[5] or fields['mon'] ~= ARGV[6] then
+    return {5, fields['day'], fields['mon']}
+  end
   sec = tonumber(fields['sec'])
   delta = actual - tonumber(fields['tok'])
-  redis.call('ZREM', base .. 'conc:k:' .. key_id, rid)
-  redis.call('ZREM', base .. 'conc:t', rid)
+  redis.call('ZREM', KEYS[4], rid)
+  redis.call('ZREM', KEYS[5], rid)
   redis.call('DEL', KEYS[1])
   status = 1
 else
-  local loaded = redis.call('GET', base .. 'loaded')
+  local loaded = redis.call('GET', KEYS[3])
   if not loaded then
     return {2}
   end
@@ -43,8 +47,7 @@ else
     redis.call('SET', done, '1', 'EX', MARK_TTL)
     return {3}
   end
-  key_id, day, month = ARGV[5], ARGV[6], ARGV[7]
-  sec = tonumber(ARGV[8])
+  sec = tonumber(ARGV[7])
   delta = actual
   status = 4
 end
@@ -53,7 +56,7 @@ local now_s = tonumber(redis.call('TIME')[1])
 if sec > now_s - 60 then
   -- Correct the admission second's bucket and the window's running sum (see admit.lua);
   -- a bucket that is gone (window expired or never charged) is left alone.
-  for i, window in ipairs({base .. 'tpm:k:' .. key_id, base .. 'tpm:t'}) do
+  for i, window in ipairs({KEYS[6], KEYS[7]}) do
     if charged[i] and redis.call('HEXISTS', window, sec) == 1 then
       redis.call('HINCRBY', window, sec, delta)
       redis.call('HINCRBY', window, 'sum', delta)
@@ -67,12 +70,12 @@ local function adjust(key, ttl)
     redis.call('EXPIRE', key, ttl)
   end
 end
-adjust(base .. 'day:k:' .. key_id .. ':' .. day, MARK_TTL)
-adjust(base .. 'day:t:' .. day, MARK_TTL)
-adjust(base .. 'mon:k:' .. key_id .. ':' .. month, 32 * 86400)
-adjust(base .. 'mon:t:' .. month, 32 * 86400)
-adjust(base .. 'tot:k:' .. key_id, 0)
-adjust(base .. 'tot:t', 0)
+adjust(KEYS[8], MARK_TTL)
+adjust(KEYS[9], MARK_TTL)
+adjust(KEYS[10], 32 * 86400)
+adjust(KEYS[11], 32 * 86400)
+adjust(KEYS[12], 0)
+adjust(KEYS[13], 0)
 
 redis.call('SET', done, '1', 'EX', MARK_TTL)
 return {status}
