@@ -32,8 +32,9 @@ import redis.asyncio as aioredis
 from meterd import health
 from meterd.db import create_pool, is_pg_outage
 from meterd.parse import BadLine, Event, parse_line
+from meterd.records import Batch, Record
 from meterd.settings import Settings
-from meterd.settle import Batch, Record, Store
+from meterd.settle import Store
 from meterd.settle_script import SettleScript
 from meterd.sweep import Sweeper, hold_off_s
 from meterd.tail import Checkpoint, Follower, Line, start_of

@@ -37,17 +37,15 @@ import asyncpg  # type: ignore[import-untyped]
 import attrs
 
 from meterd import writes
-from meterd.parse import Event
+from meterd.records import Batch, Record
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
-from meterd.usage import CalibrationRow, Observation, Usage
+from meterd.usage import CalibrationRow, Observation
 from policyd.shared import keyspace
 from policyd.shared.retention import prune_expired_prompts
 
 __all__ = [
-    "Batch",
     "Outcome",
-    "Record",
     "RedisSettlement",
     "Store",
     "settle_in_redis",
@@ -71,25 +69,6 @@ SELECT model, path, weight, prompt_weight, prompt_bytes, prompt_tokens, prompt_b
        prompt_cross, content_bytes, completion_tokens, context_bytes, context_tokens
   FROM meter_calibration
 """
-
-
-@attrs.frozen(kw_only=True)
-class Record:
-    """One parsed request and the usage it is settled with."""
-
-    event: Event
-    usage: Usage
-    observation: Observation | None = None
-
-
-@attrs.frozen(kw_only=True)
-class Batch:
-    """Consecutive lines of the log: their records and the position after the last one."""
-
-    records: tuple[Record, ...]
-    checkpoint: Checkpoint
-    lines: int
-    bad_lines: int
 
 
 @attrs.frozen(kw_only=True)

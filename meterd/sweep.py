@@ -43,7 +43,8 @@ import redis.asyncio as aioredis
 
 from meterd import writes
 from meterd.parse import Event
-from meterd.settle import Record, RedisSettlement, settle_in_redis
+from meterd.records import Record
+from meterd.settle import RedisSettlement, settle_in_redis
 from meterd.settle_script import SettleScript
 from meterd.usage import Source, Usage
 from policyd.shared import keyspace

@@ -30,18 +30,16 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import asyncpg  # type: ignore[import-untyped]
 import attrs
 import msgspec
 
 from meterd.parse import clean_text
+from meterd.records import Record
 from meterd.tail import Checkpoint
 from meterd.usage import DECAY, SUMS, CalibrationRow, Observation, Source, Usage
-
-if TYPE_CHECKING:
-    from meterd.settle import Record
 
 __all__ = [
     "Audited",

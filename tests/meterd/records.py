@@ -8,7 +8,8 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 
 from meterd.parse import Event, parse_line
-from meterd.settle import Batch, Record, Store
+from meterd.records import Batch, Record
+from meterd.settle import Store
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
 from meterd.usage import Calibration, measure
