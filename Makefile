@@ -4,6 +4,9 @@ SHELL := /bin/bash
 
 UV ?= uv
 LOCAL := compose/local/run.sh
+# The one install step (apt packages as root, uv, the locked environment); quiet when done.
+INSTALL := compose/local/install.sh
+export PATH := $(HOME)/.local/bin:/usr/local/bin:$(PATH)
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k redis -x"`.
 PYTEST_ARGS ?=
 # Extra benchmark arguments, e.g. `make bench BENCH_ARGS=--quick`.
@@ -28,6 +31,7 @@ migrate: ## Run `alembic upgrade head` against the local database.
 
 # pytest exits 5 when it collected nothing; that must never pass as green.
 test: ## Run the test suite against real Postgres, Redis, Caddy and policyd.
+	@$(INSTALL)
 	@rc=0; $(UV) run pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [[ $$rc -eq 5 ]]; then \
 		echo "make test: pytest collected no tests (check PYTEST_ARGS, testpaths and markers)" >&2; \
@@ -36,17 +40,12 @@ test: ## Run the test suite against real Postgres, Redis, Caddy and policyd.
 	exit $$rc
 
 lint: ## ruff check, ruff format --check and mypy --strict.
+	@$(INSTALL)
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run mypy --strict
 
-# wrk (Debian package) drives saturation; as root it is installed when missing.
+# wrk (Debian package) drives saturation; the install step brings it.
 bench: ## Benchmark gateway vs Caddy alone vs Ollama stand-in (BENCH_ARGS=--quick: ~1 min).
-	@if ! command -v wrk >/dev/null; then \
-		if [[ $$(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then \
-			apt-get install -y wrk >/dev/null || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; \
-		else \
-			echo "make bench: wrk is missing; install it with: apt-get install -y wrk" >&2; exit 1; \
-		fi; \
-	fi
+	@$(INSTALL)
 	$(UV) run python -m tests.bench.run $(BENCH_ARGS)

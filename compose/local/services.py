@@ -9,7 +9,6 @@ launchers, so both start the parts the same way.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -33,6 +32,7 @@ from compose.local.processes import (
     spawn,
     wait_until,
 )
+from policyd.authz.serve import APP, granian_argv
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -48,7 +48,6 @@ __all__ = [
     "StandinServer",
     "caddy_binary",
     "granian_binary",
-    "granian_buffer_size",
     "postgres_bin_dir",
     "redis_binary",
 ]
@@ -512,11 +511,6 @@ class MeterdServer:
 # --- policyd under Granian -----------------------------------------------------------------
 
 
-def granian_buffer_size(max_body_bytes: int) -> int:
-    """Granian's HTTP/1 buffer must hold the base64 body header (4/3 of the body) + headers."""
-    return math.ceil(max_body_bytes * 4 / 3) + 65_536
-
-
 @attrs.frozen(kw_only=True)
 class PolicydServer:
     """policyd (`policyd.authz.app:create_app`) served by Granian on a unix socket.
@@ -531,7 +525,7 @@ class PolicydServer:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     name: str = "policyd"
     #: The ASGI factory Granian serves (the benchmark swaps in a do-nothing responder).
-    app: str = "policyd.authz.app:create_app"
+    app: str = APP
 
     @property
     def log_path(self) -> Path:
@@ -542,16 +536,12 @@ class PolicydServer:
         _check_socket_path(self.socket_path)
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)  # a stale socket from a killed run
-        argv = [
+        argv = granian_argv(
             str(granian_binary()),
-            "--interface", "asgi",
-            "--factory",
-            "--uds", str(self.socket_path),
-            "--uds-permissions", "0660",
-            "--workers", "1",
-            "--http1-buffer-size", str(granian_buffer_size(self.max_body_bytes)),
-            self.app,
-        ]  # fmt: skip
+            socket_path=self.socket_path,
+            max_body_bytes=self.max_body_bytes,
+            app=self.app,
+        )
         env = base_env(
             {
                 **self.settings,

@@ -1,0 +1,67 @@
+"""`start-policyd`: policyd under Granian on its unix socket, the one place its command line is.
+
+The production image, `make up`, the tests and the bench all start policyd from
+`granian_argv`; `main` reads NZ_POLICYD_SOCKET and NZ_MAX_BODY_BYTES, removes a stale
+socket and replaces itself with Granian (policyd reads its other NZ_* settings itself).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from policyd.authz.settings import DEFAULT_MAX_BODY_BYTES
+from policyd.shared.envreader import EnvReader
+
+__all__ = ["APP", "buffer_size", "granian_argv", "main"]
+
+#: The ASGI factory Granian serves.
+APP: Final = "policyd.authz.app:create_app"
+_HEADER_ROOM: Final = 65_536
+_EXIT_CONFIG: Final = 2
+
+
+def buffer_size(max_body_bytes: int) -> int:
+    """Granian's HTTP/1 buffer: Caddy sends the body base64-encoded in one header (4/3 of
+    its size), and Granian must hold it plus the other headers, or it answers 431."""
+    return math.ceil(max_body_bytes * 4 / 3) + _HEADER_ROOM
+
+
+def granian_argv(
+    granian: str, *, socket_path: Path, max_body_bytes: int, app: str = APP, workers: int = 1
+) -> list[str]:
+    """Granian's command line for policyd on `socket_path`."""
+    return [
+        granian,
+        "--interface", "asgi",
+        "--factory",
+        "--uds", str(socket_path),
+        "--uds-permissions", "0660",
+        "--workers", str(workers),
+        "--http1-buffer-size", str(buffer_size(max_body_bytes)),
+        app,
+    ]  # fmt: skip
+
+
+def main(env: Mapping[str, str] | None = None) -> None:
+    """Check the two settings this needs, then exec Granian."""
+    read = EnvReader(os.environ if env is None else env)
+    socket_path = read.required("NZ_POLICYD_SOCKET")
+    max_body = read.number("NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
+    if read.errors:
+        print(f"start-policyd: {'; '.join(read.errors)}", file=sys.stderr)
+        raise SystemExit(_EXIT_CONFIG)
+    granian = shutil.which("granian") or str(Path(sys.executable).with_name("granian"))
+    # A stale socket from a previous container or a killed run would make Granian fail to bind.
+    Path(socket_path).unlink(missing_ok=True)
+    argv = granian_argv(granian, socket_path=Path(socket_path), max_body_bytes=int(max_body))
+    os.execv(granian, argv)  # noqa: S606 - a fixed program with our own arguments
+
+
+if __name__ == "__main__":
+    main()
