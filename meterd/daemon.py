@@ -419,24 +419,30 @@ class Daemon:
 
 async def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM; returns the process exit code."""
-    # Connects on first use: Postgres being down at start is retried like any outage.
-    pool = await create_pool(settings.database_url)
-    client = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=_REDIS_TIMEOUT_S, socket_connect_timeout=_REDIS_TIMEOUT_S
-    )
-    script = SettleScript(
-        source=contract.settle_script(),
-        redis_url=settings.redis_url,
-        redis=client,
-        timeout_s=_REDIS_TIMEOUT_S,
-    )
-    try:
+    # Closed in reverse order on the way out, each even when another close fails.
+    async with contextlib.AsyncExitStack() as opened:
+        # Connects on first use: Postgres being down at start is retried like any outage.
+        pool = await create_pool(settings.database_url)
+        opened.push_async_callback(_close_pool, pool)
+        client = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=_REDIS_TIMEOUT_S,
+            socket_connect_timeout=_REDIS_TIMEOUT_S,
+        )
+        opened.push_async_callback(client.aclose)
+        script = SettleScript(
+            source=contract.settle_script(),
+            redis_url=settings.redis_url,
+            redis=client,
+            timeout_s=_REDIS_TIMEOUT_S,
+        )
+        opened.push_async_callback(script.aclose)
         return await Daemon(settings, pool=pool, redis=client, script=script).run()
-    finally:
-        await script.aclose()
-        await client.aclose()
-        try:
-            async with asyncio.timeout(_CLOSE_S):
-                await pool.close()
-        except TimeoutError:
-            pool.terminate()  # Postgres does not answer: just drop the connections
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        async with asyncio.timeout(_CLOSE_S):
+            await pool.close()
+    except TimeoutError:
+        pool.terminate()  # Postgres does not answer: just drop the connections

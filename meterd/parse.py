@@ -10,8 +10,6 @@ Field names are the contract with `caddy/gateway.caddy`: Caddy's own (`uuid`, `t
 `request`, `status`, `size`, `bytes_read`, `duration`, `resp_headers`), policyd's grant
 (`nz_grant`, `policyd.shared.contract.Grant`), `resp_body` (captured responses), and the
 optional `req_body` (prompt logging) and `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`).
-Lines written before the grant carry one `nz_*` field per value instead
-(`contract.LEGACY_LOG_FIELDS`); they are read the same way.
 """
 
 from __future__ import annotations
@@ -30,8 +28,6 @@ import msgspec
 
 from policyd.shared.contract import (
     H_REFUSAL,
-    LEGACY_LOG_FIELDS,
-    LEGACY_PROMPT_LOG_FIELD,
     LOG_GRANT,
     Surface,
     parse_grant,
@@ -206,18 +202,9 @@ def _flag(value: object) -> bool | None:
 
 
 def _grant(data: dict[str, Any]) -> dict[str, str]:
-    """policyd's grant as name -> value (unchecked), from `nz_grant` or the legacy fields."""
+    """policyd's grant as name -> value (unchecked), from `nz_grant`."""
     value = data.get(LOG_GRANT)
-    if isinstance(value, str) and value:
-        return parse_grant(value)
-    legacy = {
-        name: item
-        for field, name in LEGACY_LOG_FIELDS.items()
-        if isinstance(item := data.get(field), str)
-    }
-    if data.get(LEGACY_PROMPT_LOG_FIELD) == "1":
-        legacy["log"] = "-p"
-    return legacy
+    return parse_grant(value) if isinstance(value, str) and value else {}
 
 
 def _ttfb(value: object) -> int | None:

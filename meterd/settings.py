@@ -13,7 +13,7 @@ from typing import Final
 
 import attrs
 
-from policyd.shared.envreader import EnvReader
+from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
@@ -25,8 +25,8 @@ _MAX_NODE_LEN: Final = 200
 class Settings:
     """Everything the meter daemon needs, validated. Defaults are documented in docs/metering.md."""
 
-    database_url: str = attrs.field(repr=False)
-    redis_url: str = attrs.field(repr=False)
+    database_url: str = attrs.field(repr=redacted_url)
+    redis_url: str = attrs.field(repr=redacted_url)
     #: Caddy's access log (NZ_ACCESS_LOG); rolled files are found beside it.
     access_log: Path
     #: Names this node's checkpoint and heartbeat; several nodes share one database.

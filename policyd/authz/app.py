@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import httpx
 import redis.asyncio as aioredis
@@ -35,58 +35,57 @@ __all__ = ["create_app"]
 def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = create_async_engine(
-            settings.database_url, pool_size=5, max_overflow=5, pool_pre_ping=True
-        )
-        redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.store_timeout_s,
-            socket_connect_timeout=settings.store_timeout_s,
-            max_connections=64,
-            # The hot path no longer uses this pool, so after a Redis restart its idle
-            # connections are found dead only when used: reconnect once, right away.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        # The per-request Redis calls go through the lean client where the URL allows.
-        hot = (
-            RespClient(url=settings.redis_url, timeout_s=settings.store_timeout_s)
-            if supports(settings.redis_url)
-            else None
-        )
-        http = httpx.AsyncClient(timeout=settings.ready_timeout_s)
-        last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
-        loader = TenantLoader(
-            engine=engine,
-            redis=redis,
-            load_script=load_script(),
-            timeout_s=settings.store_timeout_s,
-        )
-        limiter = Limiter(
-            redis=redis,
-            load_tenant=loader,
-            lease_ttl_s=settings.lease_ttl_s,
-            timeout_s=settings.store_timeout_s,
-            hot=hot,
-        )
-        app.state.services = Services(
-            settings=settings,
-            engine=engine,
-            redis=redis,
-            http=http,
-            keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
-            limiter=limiter,
-            last_used=last_used,
-        )
-        last_used.start()
-        try:
+        # Every resource is closed on the way out, in reverse order, even when one close
+        # fails (the exit stack runs the others and re-raises).
+        async with AsyncExitStack() as opened:
+            engine = create_async_engine(
+                settings.database_url, pool_size=5, max_overflow=5, pool_pre_ping=True
+            )
+            opened.push_async_callback(engine.dispose)
+            redis = aioredis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.store_timeout_s,
+                socket_connect_timeout=settings.store_timeout_s,
+                max_connections=64,
+                # The hot path no longer uses this pool, so after a Redis restart its idle
+                # connections are found dead only when used: reconnect once, right away.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            opened.push_async_callback(redis.aclose)
+            # The per-request Redis calls go through the lean client where the URL allows.
+            hot = None
+            if supports(settings.redis_url):
+                hot = RespClient(url=settings.redis_url, timeout_s=settings.store_timeout_s)
+                opened.push_async_callback(hot.aclose)
+            http = await opened.enter_async_context(
+                httpx.AsyncClient(timeout=settings.ready_timeout_s)
+            )
+            last_used = LastUsedTracker(engine=engine, interval_s=settings.last_used_flush_s)
+            loader = TenantLoader(
+                engine=engine,
+                redis=redis,
+                load_script=load_script(),
+                timeout_s=settings.store_timeout_s,
+            )
+            limiter = Limiter(
+                redis=redis,
+                load_tenant=loader,
+                lease_ttl_s=settings.lease_ttl_s,
+                timeout_s=settings.store_timeout_s,
+                hot=hot,
+            )
+            app.state.services = Services(
+                settings=settings,
+                engine=engine,
+                redis=redis,
+                http=http,
+                keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
+                limiter=limiter,
+                last_used=last_used,
+            )
+            last_used.start()
+            opened.push_async_callback(last_used.stop)
             yield
-        finally:
-            await last_used.stop()
-            await http.aclose()
-            if hot is not None:
-                await hot.aclose()
-            await redis.aclose()
-            await engine.dispose()
 
     return lifespan
 

@@ -11,7 +11,7 @@ from typing import Final
 
 import attrs
 
-from policyd.shared.envreader import EnvReader
+from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
@@ -24,8 +24,8 @@ _MIN_SECRET_LEN: Final = 32
 class Settings:
     """Everything policyd and the CLI need, validated."""
 
-    database_url: str
-    redis_url: str
+    database_url: str = attrs.field(repr=redacted_url)
+    redis_url: str = attrs.field(repr=redacted_url)
     ollama_url: str
     key_hmac_secret: bytes = attrs.field(repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

@@ -24,8 +24,6 @@ __all__ = [
     "H_REQUEST_ID",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
-    "LEGACY_LOG_FIELDS",
-    "LEGACY_PROMPT_LOG_FIELD",
     "LOG_GRANT",
     "RATE_LIMIT_HEADERS",
     "Grant",
@@ -71,20 +69,6 @@ RATE_LIMIT_HEADERS: Final = tuple(
 
 #: The top-level access-log field `log_append` fills with the grant after forward_auth.
 LOG_GRANT: Final = "nz_grant"
-#: One field per value, as Caddyfiles before the grant logged them (meterd still reads
-#: them, so lines written before an upgrade settle): field -> grant name.
-LEGACY_LOG_FIELDS: Final = {
-    "nz_key_id": "key",
-    "nz_key_prefix": "prefix",
-    "nz_tenant_id": "tenant",
-    "nz_surface": "surface",
-    "nz_model": "model",
-    "nz_stream": "stream",
-    "nz_stream_usage": "usage",
-    "nz_reserved": "reserved",
-}
-#: The legacy field carrying the prompt-logging flag ("1"), folded into `log` now.
-LEGACY_PROMPT_LOG_FIELD: Final = "nz_prompt_log"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

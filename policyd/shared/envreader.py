@@ -12,9 +12,26 @@ from collections.abc import Mapping
 from typing import Final
 from urllib.parse import urlsplit
 
-__all__ = ["LOG_LEVELS", "EnvReader"]
+__all__ = ["LOG_LEVELS", "EnvReader", "redacted_url"]
 
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def redacted_url(url: str) -> str:
+    """The URL with its password (and any query, which may hold one) replaced by `***`.
+
+    For reprs and log lines: settings objects hold URLs with credentials.
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        credentials, at, host = netloc.rpartition("@")
+        if at and ":" in credentials:
+            netloc = f"{credentials.partition(':')[0]}:***@{host}"
+        query = "?***" if parts.query else ""
+        return f"{parts.scheme}://{netloc}{parts.path}{query}"
+    except ValueError:
+        return "***"
 
 
 class EnvReader:

@@ -63,13 +63,8 @@ def caddy_line(
     key_id: str = KEY_ID,
     tenant_id: str = TENANT_ID,
     extra: dict[str, Any] | None = None,
-    legacy: bool = False,
 ) -> dict[str, Any]:
-    """A line as the gateway's Caddyfile makes Caddy write it (as a dict).
-
-    `legacy` writes policyd's values as the Caddyfile did before the grant: one `nz_*`
-    field each.
-    """
+    """A line as the gateway's Caddyfile makes Caddy write it (as a dict)."""
     line: dict[str, Any] = {
         "level": "info",
         "ts": ts if ts is not None else time.time(),
@@ -100,29 +95,17 @@ def caddy_line(
     # Caddy logs a refusal without the log_append fields that follow forward_auth.
     if admitted:
         surface = "openai" if path.startswith("/v1/") else "ollama"
-        if legacy:
-            line.update(
-                nz_key_id=key_id,
-                nz_key_prefix=KEY_PREFIX,
-                nz_tenant_id=tenant_id,
-                nz_surface=surface,
-                nz_model=model,
-                nz_stream="1" if stream else "0",
-                nz_prompt_log="1" if prompt_log else "0",
-                nz_reserved="" if reserved is None else str(reserved),
-            )
-        else:
-            line[LOG_GRANT] = Grant(
-                key_id=key_id,
-                key_prefix=KEY_PREFIX,
-                tenant_id=tenant_id,
-                surface=surface,
-                stream=stream,
-                capture=resp_body is not None,
-                prompt_log=prompt_log,
-                reserved=reserved,
-                model=model,
-            ).encode()
+        line[LOG_GRANT] = Grant(
+            key_id=key_id,
+            key_prefix=KEY_PREFIX,
+            tenant_id=tenant_id,
+            surface=surface,
+            stream=stream,
+            capture=resp_body is not None,
+            prompt_log=prompt_log,
+            reserved=reserved,
+            model=model,
+        ).encode()
     line["ttfb_ms"] = 12.5
     if resp_body is not None:
         line["resp_body"] = resp_body

@@ -43,9 +43,8 @@ def test_real_caddy_line_parses() -> None:
     assert not event.admitted
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["grant", "legacy fields"])
-def test_gateway_fields_are_read(legacy: bool) -> None:
-    """policyd's grant (or the older nz_* fields) becomes the event's identity, model, flags."""
+def test_gateway_fields_are_read() -> None:
+    """policyd's grant becomes the event's identity, model, flags."""
     event = _event(
         encode(
             caddy_line(
@@ -54,7 +53,6 @@ def test_gateway_fields_are_read(legacy: bool) -> None:
                 prompt_log=True,
                 reserved=4242,
                 model="Llama3.2:Latest",
-                legacy=legacy,
             )
         )
     )
@@ -134,8 +132,6 @@ def test_malformed_lines_are_bad_lines(raw: bytes) -> None:
     assert b"\n" not in parsed.reason.encode()
 
 
-# A line as Caddyfiles before the grant wrote it.
-_LEGACY = {**caddy_line(legacy=True), LOG_GRANT: None}
 _HOSTILE = {
     "NUL in uri": {"request": {**caddy_line()["request"], "uri": "/api/chat\x00x"}},
     "huge uri": {"request": {**caddy_line()["request"], "uri": "/" + "a" * 100_000}},
@@ -156,10 +152,6 @@ _HOSTILE = {
     "stream odd": {LOG_GRANT: with_grant_values(caddy_line(), stream="yes")},
     "reserved negative": {LOG_GRANT: with_grant_values(caddy_line(), reserved="-5")},
     "reserved huge": {LOG_GRANT: with_grant_values(caddy_line(), reserved="9" * 40)},
-    "legacy key id not uuid": {**_LEGACY, "nz_key_id": "'; DROP TABLE audit_log; --"},
-    "legacy tenant id wrong type": {**_LEGACY, "nz_tenant_id": ["x"]},
-    "legacy model NUL": {**_LEGACY, "nz_model": "llama\x003"},
-    "legacy reserved huge": {**_LEGACY, "nz_reserved": "9" * 40},
     "size negative": {"size": -1},
     "size float": {"size": 1.5e300},
     "duration negative": {"duration": -3},

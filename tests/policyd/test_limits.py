@@ -17,7 +17,7 @@ from policyd.authz.limits import Limiter, effective_limits, next_day, next_month
 from policyd.authz.records import KeyRecord, Limits
 from policyd.authz.refusals import Reason
 from policyd.shared.contract import H_RATE_REQUESTS, H_RATE_TOKENS, load_script, settle_script
-from policyd.shared.errors import StoreUnavailable
+from policyd.shared.errors import StoreFault, StoreUnavailable
 from policyd.shared.keyspace import load_call, settle_call, tenant_base
 
 
@@ -485,3 +485,16 @@ async def test_settled_windows_match_a_reference_model(
                 )
                 assert (await redis.eval(settle_script(), len(keys), *keys, *args))[0] == 1
                 history[f"r{i}"] = (now_s, actual)
+
+
+async def test_a_script_error_is_a_fault_not_an_outage(redis: aioredis.Redis) -> None:
+    """A Lua error (here WRONGTYPE) is a bug: StoreFault (500, logged), never "retry in 1 s"."""
+    rec = record(key=Limits(concurrency=1))
+    limiter = make_limiter(redis)
+    assert (await limiter.admit(rec, request_id="warm", reserve=1)).refusal is None
+    await redis.delete(f"{tenant_base(rec.tenant_id)}conc:k:{rec.key_id}")
+    await redis.set(f"{tenant_base(rec.tenant_id)}conc:k:{rec.key_id}", "not a sorted set")
+    with pytest.raises(StoreFault) as caught:
+        await limiter.admit(rec, request_id="r", reserve=1)
+    assert not isinstance(caught.value, StoreUnavailable)
+    assert "WRONGTYPE" in str(caught.value) or "wrong kind" in str(caught.value)

@@ -7,7 +7,7 @@ from typing import Final
 import pytest
 
 from policyd.authz.settings import DEFAULT_MAX_BODY_BYTES, SettingsError, load_settings
-from policyd.shared.envreader import EnvReader
+from policyd.shared.envreader import EnvReader, redacted_url
 
 _VALID: Final = {
     "NZ_DATABASE_URL": "postgresql+asyncpg://nz@127.0.0.1/nz",
@@ -72,3 +72,34 @@ def test_blank_values_count_as_unset() -> None:
     assert read.text("B", "fallback") == "fallback"
     assert read.required("B") == ""
     assert read.errors == ["B is required"]
+
+
+def test_no_secret_in_the_settings_repr() -> None:
+    """Both daemons' settings print their URLs without passwords (logs, tracebacks)."""
+    from meterd.settings import load_settings as meterd_settings
+
+    env = {
+        **_VALID,
+        "NZ_DATABASE_URL": "postgresql+asyncpg://nz:pg-pass-123@127.0.0.1/nz?password=q-pass",
+        "NZ_REDIS_URL": "redis://:redis-pass-456@127.0.0.1:6379/0",
+        "NZ_ACCESS_LOG": "/tmp/access.log",
+    }
+    for settings in (load_settings(env), meterd_settings(env)):
+        text = repr(settings)
+        assert "127.0.0.1" in text
+        for secret in ("pg-pass-123", "q-pass", "redis-pass-456", "s" * 32):
+            assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://user:pw@h/0", "redis://user:***@h/0"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("unix:///run/redis.sock?password=pw", "unix:///run/redis.sock?***"),
+        ("http://[::1/broken", "***"),
+    ],
+)
+def test_redacted_url(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
