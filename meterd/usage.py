@@ -26,6 +26,7 @@ import msgspec
 
 from meterd.envelope import Envelope, envelope_for, go_json_len
 from meterd.parse import Event
+from policyd.shared.tables import CALIBRATION_SUMS
 
 __all__ = [
     "EMBED_PATHS",
@@ -98,19 +99,8 @@ class Measured:
     observation: Observation | None = None
 
 
-#: Sums kept per (model, path), in this order (also the `meter_calibration` columns).
-SUMS: Final = (
-    "weight",
-    "prompt_weight",
-    "prompt_bytes",
-    "prompt_tokens",
-    "prompt_bytes_sq",
-    "prompt_cross",
-    "content_bytes",
-    "completion_tokens",
-    "context_bytes",
-    "context_tokens",
-)
+#: Sums kept per (model, path), in this order: the `meter_calibration` columns.
+SUMS: Final = CALIBRATION_SUMS
 
 
 @attrs.frozen(kw_only=True)

@@ -11,20 +11,12 @@ from typing import Any, Final
 
 import msgspec
 
+from policyd.shared.tables import LIMIT_COLUMNS
+
 __all__ = ["KeyRecord", "Limits", "decode_record", "encode_record", "limits_from_row"]
 
-_LIMIT_FIELDS: Final = (
-    "rpm",
-    "tpm",
-    "concurrency",
-    "daily_tokens",
-    "monthly_tokens",
-    "total_tokens",
-    "max_output_tokens",
-    "allowed_models",
-    "prompt_logging",
-    "prompt_retention_days",
-)
+# The limit columns of both tables, read into `Limits` by the same names.
+_LIMIT_FIELDS: Final = LIMIT_COLUMNS
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,7 +2,7 @@
 
 meterd writes these tables; this module reads them through their one description
 (`policyd.shared.tables`). Register the commands on the
-`neuronetz-gateway` group with `cli.add_command(...)`. Like every command: `--json` for
+`neuronetz-gateway` group from `COMMANDS`. Like every command: `--json` for
 machines, one line on stderr and exit 1 on errors, never a key or a prompt.
 """
 
@@ -25,6 +25,7 @@ from policyd.shared.retention import prune_expired_prompts as _prune
 from policyd.shared.tables import api_keys, audit_log, tenants, usage_ledger
 
 __all__ = [
+    "COMMANDS",
     "audit",
     "parse_moment",
     "prune_expired_prompts",
@@ -282,3 +283,7 @@ def prune_prompts(as_json: bool) -> None:
         click.echo(json.dumps({"deleted": deleted}))
     else:
         click.echo(f"deleted {deleted} expired prompt{'s' if deleted != 1 else ''}")
+
+
+#: The commands this module adds to `neuronetz-gateway`.
+COMMANDS: Final = (audit, prune_prompts)

@@ -13,7 +13,7 @@ from policyd.admin import limits as limits_admin
 from policyd.cli.audit import settled_usage, since_option, until_option
 from policyd.cli.base import fail, json_option, need_redis, print_json, run
 
-__all__ = ["register"]
+__all__ = ["COMMANDS"]
 
 #: CLI option name -> column. Each takes a whole number; `--models` a comma list.
 _OPTIONS: Final = {
@@ -57,126 +57,129 @@ def _changes(options: dict[str, Any], unset: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def register(cli: click.Group) -> None:
-    """Add the limit commands to the CLI group."""
+@click.command("set-limits")
+@_target_options
+@click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute.")
+@click.option("--concurrency", type=click.IntRange(min=0), help="Requests in flight.")
+@click.option("--daily-tokens", type=click.IntRange(min=0), help="Token budget per UTC day.")
+@click.option("--monthly-tokens", type=click.IntRange(min=0), help="Per UTC month.")
+@click.option("--total-tokens", type=click.IntRange(min=0), help="Lifetime token budget.")
+@click.option("--max-output-tokens", type=click.IntRange(min=1), help="Largest output cap.")
+@click.option("--models", default=None, help="Allowed models, comma separated.")
+@click.option("--prompt-logging", type=click.Choice(["on", "off"]), default=None)
+@click.option("--prompt-retention-days", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--unset",
+    multiple=True,
+    type=click.Choice(_UNSETTABLE),
+    help="Remove a value (a key then inherits the tenant's; a tenant becomes unlimited).",
+)
+@json_option
+def set_limits(
+    tenant: str | None, key: str | None, unset: tuple[str, ...], as_json: bool, **opts: Any
+) -> None:
+    """Set or unset limits of a tenant (defaults and caps) or of one key (overrides)."""
+    values = _changes(opts, unset)
 
-    @cli.command("set-limits")
-    @_target_options
-    @click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute.")
-    @click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute.")
-    @click.option("--concurrency", type=click.IntRange(min=0), help="Requests in flight.")
-    @click.option("--daily-tokens", type=click.IntRange(min=0), help="Token budget per UTC day.")
-    @click.option("--monthly-tokens", type=click.IntRange(min=0), help="Per UTC month.")
-    @click.option("--total-tokens", type=click.IntRange(min=0), help="Lifetime token budget.")
-    @click.option("--max-output-tokens", type=click.IntRange(min=1), help="Largest output cap.")
-    @click.option("--models", default=None, help="Allowed models, comma separated.")
-    @click.option("--prompt-logging", type=click.Choice(["on", "off"]), default=None)
-    @click.option("--prompt-retention-days", type=click.IntRange(min=1), default=None)
-    @click.option(
-        "--unset",
-        multiple=True,
-        type=click.Choice(_UNSETTABLE),
-        help="Remove a value (a key then inherits the tenant's; a tenant becomes unlimited).",
-    )
-    @json_option
-    def set_limits(
-        tenant: str | None, key: str | None, unset: tuple[str, ...], as_json: bool, **opts: Any
-    ) -> None:
-        """Set or unset limits of a tenant (defaults and caps) or of one key (overrides)."""
-        values = _changes(opts, unset)
+    async def action(engine: Any, redis: Any) -> list[limits_admin.LimitView]:
+        target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
+        await limits_admin.set_limits(engine, need_redis(redis), target, values)
+        return await limits_admin.show_limits(engine, target)
 
-        async def action(engine: Any, redis: Any) -> list[limits_admin.LimitView]:
+    views = run(action, redis=True)
+    if as_json:
+        print_json(views)
+    else:
+        _print_limits(views)
+
+
+@click.command("show-limits")
+@_target_options
+@json_option
+def show_limits(tenant: str | None, key: str | None, as_json: bool) -> None:
+    """Effective limits and where each comes from (key, tenant default, unset)."""
+
+    async def action(engine: Any, _redis: Any) -> list[limits_admin.LimitView]:
+        target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
+        return await limits_admin.show_limits(engine, target)
+
+    views = run(action, redis=False)
+    if as_json:
+        print_json(views)
+    else:
+        _print_limits(views)
+
+
+@click.command("usage")
+@_target_options
+@since_option
+@until_option
+@click.option("--by", type=click.Choice(["day", "month"]), default="day", show_default=True)
+@json_option
+def usage(
+    tenant: str | None,
+    key: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    by: str,
+    as_json: bool,
+) -> None:
+    """Live window and budget figures (for one tenant or key) and settled usage per period.
+
+    Live figures come from Redis: requests and tokens in the last minute, requests in
+    flight (counted only where a limit applies), budgets used including open
+    reservations. Settled figures come from
+    meterd's ledger, per UTC day or month.
+    """
+    one_target = (tenant is None) != (key is None)
+
+    async def action(engine: Any, redis: Any) -> dict[str, Any]:
+        live = None
+        if one_target:
             target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
-            await limits_admin.set_limits(engine, need_redis(redis), target, values)
-            return await limits_admin.show_limits(engine, target)
+            live = await limits_admin.usage(engine, need_redis(redis), target)
+        settled = await settled_usage(
+            engine,
+            tenant=tenant,
+            prefix=key,
+            since=since.date() if since else None,
+            until=until.date() if until else None,
+            by=by,
+        )
+        return {"live": live, "settled": settled}
 
-        views = run(action, redis=True)
-        if as_json:
-            print_json(views)
-        else:
-            _print_limits(views)
+    if tenant is not None and key is not None:
+        fail("give at most one of --tenant or --key")
+    found = run(action, redis=one_target)
+    if as_json:
+        print_json(found)
+        return
+    console = Console()
+    if found["live"] is not None:
+        table = Table("limit", "used now", "of", title="live")
+        for v in found["live"]:
+            limit = "unlimited" if v.limit is None else str(v.limit)
+            used = "not counted" if v.used is None else str(v.used)
+            table.add_row(v.name, used, limit)
+        console.print(table)
+    settled = Table(by, "tenant", "key", "requests", "prompt", "completion", "estimated")
+    settled.title = "settled"
+    for r in found["settled"]:
+        settled.add_row(
+            r["period"],
+            r["tenant"] or "-",
+            r["key_prefix"] or "-",
+            str(r["requests"]),
+            str(r["prompt_tokens"]),
+            str(r["completion_tokens"]),
+            str(r["estimated_tokens"]),
+        )
+    console.print(settled)
 
-    @cli.command("show-limits")
-    @_target_options
-    @json_option
-    def show_limits(tenant: str | None, key: str | None, as_json: bool) -> None:
-        """Effective limits and where each comes from (key, tenant default, unset)."""
 
-        async def action(engine: Any, _redis: Any) -> list[limits_admin.LimitView]:
-            target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
-            return await limits_admin.show_limits(engine, target)
-
-        views = run(action, redis=False)
-        if as_json:
-            print_json(views)
-        else:
-            _print_limits(views)
-
-    @cli.command("usage")
-    @_target_options
-    @since_option
-    @until_option
-    @click.option("--by", type=click.Choice(["day", "month"]), default="day", show_default=True)
-    @json_option
-    def usage(
-        tenant: str | None,
-        key: str | None,
-        since: dt.datetime | None,
-        until: dt.datetime | None,
-        by: str,
-        as_json: bool,
-    ) -> None:
-        """Live window and budget figures (for one tenant or key) and settled usage per period.
-
-        Live figures come from Redis: requests and tokens in the last minute, requests in
-        flight (counted only where a limit applies), budgets used including open
-        reservations. Settled figures come from
-        meterd's ledger, per UTC day or month.
-        """
-        one_target = (tenant is None) != (key is None)
-
-        async def action(engine: Any, redis: Any) -> dict[str, Any]:
-            live = None
-            if one_target:
-                target = await limits_admin.resolve_target(engine, tenant=tenant, key=key)
-                live = await limits_admin.usage(engine, need_redis(redis), target)
-            settled = await settled_usage(
-                engine,
-                tenant=tenant,
-                prefix=key,
-                since=since.date() if since else None,
-                until=until.date() if until else None,
-                by=by,
-            )
-            return {"live": live, "settled": settled}
-
-        if tenant is not None and key is not None:
-            fail("give at most one of --tenant or --key")
-        found = run(action, redis=one_target)
-        if as_json:
-            print_json(found)
-            return
-        console = Console()
-        if found["live"] is not None:
-            table = Table("limit", "used now", "of", title="live")
-            for v in found["live"]:
-                limit = "unlimited" if v.limit is None else str(v.limit)
-                used = "not counted" if v.used is None else str(v.used)
-                table.add_row(v.name, used, limit)
-            console.print(table)
-        settled = Table(by, "tenant", "key", "requests", "prompt", "completion", "estimated")
-        settled.title = "settled"
-        for r in found["settled"]:
-            settled.add_row(
-                r["period"],
-                r["tenant"] or "-",
-                r["key_prefix"] or "-",
-                str(r["requests"]),
-                str(r["prompt_tokens"]),
-                str(r["completion_tokens"]),
-                str(r["estimated_tokens"]),
-            )
-        console.print(settled)
+#: The commands this module adds to `neuronetz-gateway`.
+COMMANDS: Final = (set_limits, show_limits, usage)
 
 
 def _print_limits(views: list[limits_admin.LimitView]) -> None:

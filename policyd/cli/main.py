@@ -41,7 +41,7 @@ def cli() -> None:
     """
 
 
-@cli.command("create-tenant")
+@click.command("create-tenant")
 @click.option("--name", required=True, help="Tenant name: lowercase letters, digits, . _ -")
 @json_option
 def create_tenant(name: str, as_json: bool) -> None:
@@ -53,7 +53,7 @@ def create_tenant(name: str, as_json: bool) -> None:
         click.echo(f"created tenant {tenant.name} ({tenant.id})")
 
 
-@cli.command("list-tenants")
+@click.command("list-tenants")
 @json_option
 def list_tenants(as_json: bool) -> None:
     """List tenants with their number of keys."""
@@ -67,7 +67,7 @@ def list_tenants(as_json: bool) -> None:
     Console().print(table)
 
 
-@cli.command("create-key")
+@click.command("create-key")
 @click.option("--tenant", required=True, help="Tenant that owns the key.")
 @click.option("--name", required=True, help="Key name, unique within the tenant.")
 @click.option("--expires", default=None, help="Expiry: 30d, 12h, 2027-01-31 or ISO datetime.")
@@ -100,7 +100,7 @@ def create_key(tenant: str, name: str, expires: str | None, as_json: bool) -> No
     )
 
 
-@cli.command("list-keys")
+@click.command("list-keys")
 @click.option("--tenant", default=None, help="Only this tenant's keys.")
 @json_option
 def list_keys(tenant: str | None, as_json: bool) -> None:
@@ -123,7 +123,7 @@ def list_keys(tenant: str | None, as_json: bool) -> None:
     Console().print(table)
 
 
-@cli.command("revoke-key")
+@click.command("revoke-key")
 @click.option("--prefix", required=True, help="The key's prefix, e.g. nz_ab12cd34.")
 @json_option
 def revoke_key(prefix: str, as_json: bool) -> None:
@@ -135,9 +135,16 @@ def revoke_key(prefix: str, as_json: bool) -> None:
         click.echo(f"revoked key {key.prefix} ({key.name}) of tenant {key.tenant}")
 
 
-cli_limits.register(cli)
-cli.add_command(cli_audit.audit)
-cli.add_command(cli_audit.prune_prompts)
+for _command in (
+    create_tenant,
+    list_tenants,
+    create_key,
+    list_keys,
+    revoke_key,
+    *cli_limits.COMMANDS,
+    *cli_audit.COMMANDS,
+):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -256,8 +256,7 @@ meter_calibration: Final = Table(
     metadata,
     Column("model", Text, nullable=False),
     Column("path", Text, nullable=False),
-    # Exponentially weighted sums over exact observations (the same names as
-    # meterd/usage.py: SUMS; this module stays import-light for Alembic).
+    # Exponentially weighted sums over exact observations (meterd/usage.py: SUMS).
     *(Column(name, Double, nullable=False) for name in CALIBRATION_SUMS),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("model", "path", name="pk_meter_calibration"),
