@@ -36,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, INET, UUID
 
+from policyd.shared.keyspace import DIMENSIONS
+
 __all__ = [
     "CALIBRATION_SUMS",
     "LIMIT_COLUMNS",
@@ -61,14 +63,10 @@ metadata: Final = MetaData(
     }
 )
 
-#: Limit and policy columns present on both tenants and keys.
+#: Limit and policy columns present on both tenants and keys: the admission script's
+#: dimensions, then the key policy.
 LIMIT_COLUMNS: Final = (
-    "rpm",
-    "tpm",
-    "concurrency",
-    "daily_tokens",
-    "monthly_tokens",
-    "total_tokens",
+    *DIMENSIONS,
     "max_output_tokens",
     "allowed_models",
     "prompt_logging",
