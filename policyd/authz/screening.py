@@ -229,6 +229,7 @@ def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[t
         prompt_log=usage_counted and record.prompt_logging,
         stream_usage=stream_usage,
         reserved=reserved if usage_counted else None,
+        prompt=facts.prompt_tokens if usage_counted and facts is not None else None,
         model=model,
     )
     return [(H_GRANT, grant.encode())]

@@ -88,10 +88,16 @@ class Grant:
     stream_usage: bool = False
     #: Tokens reserved at admission (estimated prompt + maximum output).
     reserved: int | None = None
+    #: policyd's count of the tokenisable content it admitted (prompt text, context ids,
+    #: images, tools, system, template, suffix, format): the prompt part of `reserved`,
+    #: so meterd can estimate a streamed reply's prompt from it, never from raw bytes.
+    prompt: int | None = None
     model: str | None = None
 
     def encode(self) -> str:
         """`log=<c|-><p|-> key=… prefix=… tenant=… surface=… stream=0|1 usage=0|1 …`.
+
+        Optional tail, in order: `reserved=<tokens> prompt=<tokens> model=<name>`.
 
         Space-separated name=value pairs. `log` comes first, so Caddy's header matchers
         test the flags by prefix (`log=c*`) where no other value can reach; `model`,
@@ -108,6 +114,8 @@ class Grant:
         ]
         if self.reserved is not None:
             parts.append(f"reserved={self.reserved}")
+        if self.prompt is not None:
+            parts.append(f"prompt={self.prompt}")
         if self.model is not None:
             parts.append(f"model={self.model}")
         return " ".join(parts)
