@@ -18,10 +18,12 @@ __all__ = [
     "COPIED_HEADERS",
     "H_BODY",
     "H_GRANT",
+    "H_LISTING",
     "H_RATE_REQUESTS",
     "H_RATE_TOKENS",
     "H_REFUSAL",
     "H_REQUEST_ID",
+    "H_UPSTREAM_BODY",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
     "LOG_GRANT",
@@ -57,7 +59,15 @@ H_RATE_REQUESTS: Final = "X-Nz-Rate-Requests"
 #: The same for the token limit.
 H_RATE_TOKENS: Final = "X-Nz-Rate-Tokens"
 
-COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS)
+#: The body Ollama receives: policyd's canonical re-serialisation of the admitted body,
+#: compact ASCII JSON. Caddy sets it as the upstream body (`request_body set`) and strips
+#: the header before Ollama; the access log never holds request headers.
+H_UPSTREAM_BODY: Final = "X-Nz-Upstream-Body"
+#: A model listing policyd filtered for the key (`/api/tags`, `/api/ps`, `/v1/models`):
+#: Caddy answers the client with it and never asks Ollama.
+H_LISTING: Final = "X-Nz-Listing"
+
+COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS, H_UPSTREAM_BODY, H_LISTING)
 
 #: OpenAI-style rate-limit headers Caddy sets on the client's response (streams
 #: included) from `H_RATE_REQUESTS` and `H_RATE_TOKENS`.

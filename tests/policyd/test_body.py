@@ -180,7 +180,8 @@ def _reference_chars(value: object) -> int:
     if isinstance(value, list):
         return sum(_reference_chars(item) for item in value)
     if isinstance(value, dict):
-        return sum(_reference_chars(value.get(k)) for k in ("content", "text", "thinking"))
+        fields = ("content", "text", "thinking", "reasoning")
+        return sum(_reference_chars(value.get(k)) for k in fields)
     return 0
 
 
@@ -194,7 +195,16 @@ _JSON_VALUES = st.recursive(
 )
 
 
-@given(messages=st.lists(_JSON_VALUES, max_size=6), prompt=_JSON_VALUES)
+_MESSAGES = st.lists(
+    st.dictionaries(
+        st.sampled_from(["content", "text", "thinking", "reasoning", "role"]), _JSON_VALUES
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(messages=_MESSAGES, prompt=_JSON_VALUES)
 def test_prompt_estimate_counts_text_anywhere(messages: list[object], prompt: object) -> None:
     """The estimate counts every text the definition names, in any shape a client sends."""
     body = {"model": "m", "messages": messages, "prompt": prompt}
