@@ -23,6 +23,7 @@ import re
 from typing import Any, Final
 
 import attrs
+import msgspec
 
 from policyd.authz.body import BodyError, BodyFacts
 from policyd.authz.paths import EndpointKind
@@ -35,6 +36,7 @@ __all__ = [
     "RuntimePolicy",
     "keep_alive_seconds",
     "normalise",
+    "serialise",
 ]
 
 #: Options that decide how a model is loaded (`api/types.go` Runner, current and past):
@@ -192,5 +194,23 @@ def normalise(
             output = _output_tokens(facts, policy)
             body.pop("max_completion_tokens", None)
             body["max_tokens"] = output
-    text = json.dumps(body, ensure_ascii=True, separators=(",", ":"))
-    return Normalised(text, output)
+    return Normalised(serialise(body), output)
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def serialise(body: dict[str, Any]) -> str:
+    """Compact, ASCII-only JSON of `body`.
+
+    msgspec writes a 64 KiB conversation ~10x faster than the standard library; its output
+    is used when it is ASCII already (nearly always). Otherwise, or for what msgspec cannot
+    write (integers beyond 64 bits, lone surrogates), the standard encoder escapes it.
+    """
+    try:
+        raw = _ENCODER.encode(body)
+    except (OverflowError, TypeError, ValueError, msgspec.EncodeError):
+        raw = None
+    if raw is not None and raw.isascii():
+        return raw.decode("ascii")
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":"))

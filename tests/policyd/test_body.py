@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.authz.body import BodyError, CloudModelError, go_fold, is_cloud_model, read_body
+from policyd.authz.normalise import serialise
 from policyd.authz.paths import EndpointKind
 from policyd.shared.contract import Surface
 
@@ -221,3 +222,20 @@ def test_a_duplicate_deep_in_a_long_chat_is_refused() -> None:
     broken = raw.replace(b'"content": "turn 250"', b'"content": "turn 250", "role": "x"')
     with pytest.raises(BodyError, match="duplicate key 'role'"):
         read_body(broken, surface=OLLAMA, kind=GEN)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "prompt": "plain"},
+        {"model": "m", "prompt": "héllo ✓ 😀 \u2028", "x": "\ud800"},
+        {"model": "m", "prompt": "x", "options": {"seed": 10**30}},
+        {"model": "m", "prompt": 'ctl \x00\x1f " \\ </script>', "n": [1.5, -0.0, 1e300]},
+    ],
+)
+def test_serialised_bodies_are_ascii_json_that_reads_back_the_same(body: dict[str, object]) -> None:
+    """The body Ollama receives is ASCII JSON equal to what policyd parsed, whichever
+    encoder wrote it."""
+    text = serialise(body)
+    assert text.isascii()
+    assert json.loads(text) == body
