@@ -21,6 +21,8 @@ from tests.e2e.test_bodies import assert_refusal, post
 __all__: list[str] = []
 
 MESSAGES: Final = [{"role": "user", "content": "tell me a long story about the sea"}]
+#: The same for the OpenAI SDK, whose message types are TypedDicts.
+OAI_MESSAGES: Final[list[Any]] = list(MESSAGES)
 #: Ollama's runner options that would reload a model every tenant shares.
 RUNNER: Final = {
     "num_gpu": 99,
@@ -72,11 +74,14 @@ def test_native_output_cap_is_written_into_the_body(
     """Absent, -1, -2 or 0 num_predict: Ollama gets the key's cap and never sends more."""
     options = None if num_predict is None else {"num_predict": num_predict}
     whole = native.chat(model="llama3.2", messages=MESSAGES, options=options, stream=False)
-    assert whole.eval_count is not None and whole.eval_count <= 5
+    assert whole.eval_count is not None
+    assert whole.eval_count <= 5
     chunks = list(native.chat(model="llama3.2", messages=MESSAGES, options=options, stream=True))
-    assert chunks[-1].eval_count is not None and chunks[-1].eval_count <= 5
+    assert chunks[-1].eval_count is not None
+    assert chunks[-1].eval_count <= 5
     made = native.generate(model="llama3.2", prompt="tell me a story", options=options)
-    assert made.eval_count is not None and made.eval_count <= 5
+    assert made.eval_count is not None
+    assert made.eval_count <= 5
     bodies = _upstream_bodies(standin_log)
     assert len(bodies) == 3
     assert all(b["options"]["num_predict"] == 5 for b in bodies), bodies
@@ -86,24 +91,28 @@ def test_openai_output_cap_is_written_into_the_body(
     oai: openai.OpenAI, standin_log: StandinLog
 ) -> None:
     """No max_tokens, or only max_completion_tokens (which Ollama ignores): capped anyway."""
-    plain = oai.chat.completions.create(model="llama3.2", messages=MESSAGES)  # type: ignore[arg-type]
-    assert plain.usage is not None and plain.usage.completion_tokens <= 5
+    plain = oai.chat.completions.create(model="llama3.2", messages=OAI_MESSAGES)
+    assert plain.usage is not None
+    assert plain.usage.completion_tokens <= 5
     newer = oai.chat.completions.create(
         model="llama3.2",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=OAI_MESSAGES,
         max_completion_tokens=3,
     )
-    assert newer.usage is not None and newer.usage.completion_tokens <= 3
+    assert newer.usage is not None
+    assert newer.usage.completion_tokens <= 3
     stream = oai.chat.completions.create(
         model="llama3.2",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=OAI_MESSAGES,
         stream=True,
         stream_options={"include_usage": True},
     )
     usage = [c.usage for c in stream if c.usage is not None]
-    assert usage and usage[-1].completion_tokens <= 5
+    assert usage
+    assert usage[-1].completion_tokens <= 5
     done = oai.completions.create(model="llama3.2", prompt="tell me a story")
-    assert done.usage is not None and done.usage.completion_tokens <= 5
+    assert done.usage is not None
+    assert done.usage.completion_tokens <= 5
     bodies = _upstream_bodies(standin_log)
     assert [b["max_tokens"] for b in bodies] == [5, 3, 5, 5]
     assert all("max_completion_tokens" not in b for b in bodies)
@@ -171,7 +180,8 @@ def test_runtime_options_belong_to_the_operator(
         assert "keep_alive" not in body
         assert body["options"] == {"temperature": 0.5, "num_predict": 1024}
     runner = _runners(stack)["qwen2.5-coder:7b"]
-    assert runner["loads"] - before <= 1 and runner["loaded"]
+    assert runner["loads"] - before <= 1
+    assert runner["loaded"]
     # The same key with limits set: keep_alive clamped into (0, 60], num_ctx to 8192.
     set_limits(stack, key=key[:11], max_keep_alive_seconds=60, max_num_ctx=8192)
     standin_log.clear()

@@ -152,7 +152,8 @@ def test_reservation_uses_request_then_key_then_tenant_cap(
     screened = screen_request("POST", "/api/generate", b64(body), max_body_bytes=LIMIT)
     key = record(key_cap=key_cap, tenant_cap=tenant_cap)
     normalised = normalised_body(screened, key, default_output=DEFAULT_OUTPUT)
-    assert normalised is not None and not isinstance(normalised, Refusal)
+    assert normalised is not None
+    assert not isinstance(normalised, Refusal)
     assert json.loads(normalised.body)["options"]["num_predict"] == output
     assert screened.facts is not None
     assert reservation(screened, normalised) == screened.facts.prompt_tokens + output
