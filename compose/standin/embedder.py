@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from compose.standin.gojson import BindError, go_duration_seconds
-from compose.standin.inference import Refusal
+from compose.standin.inference import Refusal, runner_options
 from compose.standin.models import ModelCard, canonical_name
 from compose.standin.state import ServerState
 from compose.standin.textgen import embedding, truncated
@@ -66,6 +66,7 @@ def embed_inputs(
         tokens += count
         vector = embedding(card.name, text, dims=card.embedding_length)
         vectors.append(truncated(vector, dims) if 0 < dims < len(vector) else vector)
+    state.use(card, runner_options(fields.get("options")))
     state.touch(card, keep_alive_s=keep_alive)
     done_ns = time.monotonic_ns()
     return Embedded(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -29,7 +30,19 @@ __all__ = [
     "Refusal",
     "prepare_chat",
     "prepare_generate",
+    "runner_options",
 ]
+
+#: Options that decide how a runner is loaded (`api/types.go` Runner): a request whose
+#: values differ from the loaded runner's makes Ollama reload it (`server/sched.go:
+#: needsReload`). num_ctx is one of them.
+RUNNER_OPTIONS: Final = frozenset(
+    ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa")
+)
+#: Ollama's default context window when a request names none.
+DEFAULT_NUM_CTX: Final = 4096
+#: Prompt tokens one image costs (a CLIP-style 24x24 patch grid, as llava's projector).
+IMAGE_TOKENS: Final = 576
 
 #: What Ollama streams when the runner fails after the first chunk went out.
 MIDSTREAM_ERROR: Final = "an error was encountered while running the model"
@@ -68,6 +81,8 @@ class Job:
     limit: int = 0  # tokens to produce
     done_reason: str = "stop"
     context: tuple[int, ...] = ()  # generate only: the request's context ids
+    #: The load-affecting options the request's runner needs.
+    runner: tuple[tuple[str, object], ...] = ()
 
     @property
     def text_tokens(self) -> tuple[str, ...]:
@@ -78,6 +93,45 @@ class Job:
 def _stream_flag(fields: Mapping[str, Any]) -> bool:
     # Native: absent or null streams; only an explicit false turns it off.
     return fields.get("stream") is not False
+
+
+def runner_options(options: Any) -> tuple[tuple[str, object], ...]:
+    """The load-affecting options a request names, as a comparable value."""
+    if not isinstance(options, dict):
+        return ()
+    return tuple(sorted((k, v) for k, v in options.items() if k in RUNNER_OPTIONS))
+
+
+def _bounded_num_predict(num_predict: int, options: Any) -> int:
+    """Ollama's bound on output (`llm/server.go`, Completion): a negative num_predict, or
+    one above ten context windows, becomes ten context windows."""
+    num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
+    window = int(num_ctx) if isinstance(num_ctx, int | float) and num_ctx > 0 else DEFAULT_NUM_CTX
+    if num_predict < 0 or num_predict > 10 * window:
+        return 10 * window
+    return num_predict
+
+
+def _extra_prompt_tokens(fields: Mapping[str, Any]) -> int:
+    """Tokens Ollama adds to the prompt besides the text: images and tool definitions."""
+    images = fields.get("images")
+    count = len(images) if isinstance(images, list) else 0
+    messages = fields.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict):
+                found = message.get("images")
+                count += len(found) if isinstance(found, list) else 0
+                content = message.get("content")
+                if isinstance(content, list):
+                    count += sum(
+                        1
+                        for part in content
+                        if isinstance(part, dict) and part.get("type") == "image_url"
+                    )
+    tools = fields.get("tools")
+    tool_tokens = count_tokens(json.dumps(tools)) if tools else 0
+    return count * IMAGE_TOKENS + tool_tokens
 
 
 def _check_options(options: Any) -> Refusal | int:
@@ -133,19 +187,22 @@ def _job(
     json_format = fields.get("format") not in (None, "")
     reply = reply_for(card.name, prompt_text, json_format=json_format)
     full = len(reply.tokens)
-    limit = full if num_predict <= 0 else min(num_predict, full)
+    bound = _bounded_num_predict(num_predict, fields.get("options"))
+    limit = full if num_predict == 0 else min(bound, full)
     return Job(
         requested=requested,
         card=card,
         stream=_stream_flag(fields),
         keep_alive_s=keep_alive_s,
         prompt_text=prompt_text,
-        # Context ids are tokens already: they count without being rendered.
-        prompt_tokens=count_tokens(prompt_text) + len(context),
+        # Context ids are tokens already: they count without being rendered; so do images
+        # and tool definitions, which the template and projector add.
+        prompt_tokens=count_tokens(prompt_text) + len(context) + _extra_prompt_tokens(fields),
         reply=reply,
         limit=limit,
         done_reason="length" if limit < full else "stop",
         context=context,
+        runner=runner_options(fields.get("options")),
     )
 
 
@@ -185,7 +242,12 @@ def _prepare(
         return num_predict
     if not has_input:
         return Job(
-            requested=requested, card=card, stream=False, keep_alive_s=keep_alive, preload="load"
+            requested=requested,
+            card=card,
+            stream=False,
+            keep_alive_s=keep_alive,
+            preload="load",
+            runner=runner_options(fields.get("options")),
         )
     return _job(
         requested=requested,

@@ -7,6 +7,8 @@
   failure (mid-stream error line; before the first token: status 500). 200 `{"pending": n}`.
 - `DELETE /__standin/fail`: disarm (204).
 - `GET /__standin/settings`: the timing and models this server runs with.
+- `GET /__standin/runners`: per model, the load-affecting options its runner runs with,
+  how often a runner was started (reloads included) and whether it is loaded now.
 
 These bypass the Host check and are not recorded themselves.
 """
@@ -42,6 +44,7 @@ class Introspection:
             "/__standin/requests": {"GET": self._list, "DELETE": self._clear},
             "/__standin/fail": {"POST": self._arm, "DELETE": self._disarm},
             "/__standin/settings": {"GET": self._settings},
+            "/__standin/runners": {"GET": self._runners},
         }
 
     def handles(self, path: str) -> bool:
@@ -94,6 +97,9 @@ class Introspection:
     def _disarm(self, body: bytes) -> _Reply:
         self._state.recorder.disarm()
         return 204, b"", []
+
+    def _runners(self, _body: bytes) -> _Reply:
+        return _json(200, self._state.runners())
 
     def _settings(self, body: bytes) -> _Reply:
         settings = self._state.settings

@@ -83,10 +83,12 @@ async def play(exchange: Exchange, state: ServerState, job: Job, renderer: Rende
         if job.preload == "unload":
             state.unload(job.card)
         else:
+            state.use(job.card, job.runner)
             state.touch(job.card, keep_alive_s=job.keep_alive_s)
         content_type, body = renderer.preload()
         await exchange.respond(200, body, content_type=content_type)
         return
+    state.use(job.card, job.runner)
     generation = Generation(
         job,
         settings=state.settings,

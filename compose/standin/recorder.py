@@ -18,6 +18,10 @@ __all__ = ["DEFAULT_LIMIT", "Recorder", "RequestRecord"]
 DEFAULT_LIMIT: Final = 10_000
 
 
+#: Bytes of each body kept as text for `/__standin/requests`.
+BODY_TEXT_LIMIT: Final = 4 * 1024 * 1024
+
+
 @dataclasses.dataclass(slots=True, kw_only=True)
 class RequestRecord:
     """One received request; the outcome fields fill in while it is being answered."""
@@ -29,6 +33,8 @@ class RequestRecord:
     headers: dict[str, str]
     body_sha256: str
     body_size: int
+    #: The body as text (first `BODY_TEXT_LIMIT` bytes): what the gateway sent upstream.
+    body: str
     request_id: str | None
     received_at: str
     status: int | None = None
@@ -60,6 +66,7 @@ class RequestRecord:
             headers=headers,
             body_sha256=hashlib.sha256(body).hexdigest(),
             body_size=len(body),
+            body=body[:BODY_TEXT_LIMIT].decode("utf-8", "replace"),
             request_id=headers.get("x-request-id"),
             received_at=received_at,
         )

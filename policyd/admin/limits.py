@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 #: Columns whose value must be a positive whole number (others may be zero = "none").
-_POSITIVE: Final = frozenset({"max_output_tokens", "prompt_retention_days"})
+_POSITIVE: Final = frozenset(
+    {"max_output_tokens", "max_keep_alive_seconds", "max_num_ctx", "prompt_retention_days"}
+)
 _WINDOW_S: Final = 60
 
 

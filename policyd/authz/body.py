@@ -18,11 +18,22 @@ from typing import Any, Final
 import attrs
 
 from policyd.authz.paths import EndpointKind
+from policyd.authz.promptsize import prompt_tokens
 from policyd.shared.contract import Surface
 
-__all__ = ["BodyError", "BodyFacts", "CloudModelError", "go_fold", "is_cloud_model", "read_body"]
+__all__ = [
+    "MAX_OUTPUT_TOKENS",
+    "BodyError",
+    "BodyFacts",
+    "CloudModelError",
+    "go_fold",
+    "is_cloud_model",
+    "read_body",
+]
 
-#: Fields whose value policyd acts on, or that carry the prompt it sizes.
+#: Top-level request fields of Ollama's request structs (`api/types.go`) and its OpenAI
+#: layer: a key that Go would fold onto one of them must be spelled exactly like it,
+#: since policyd reads, counts or rewrites them.
 _DECISION_FIELDS: Final = (
     "model",
     "name",
@@ -36,12 +47,39 @@ _DECISION_FIELDS: Final = (
     "input",
     "system",
     "suffix",
+    "template",
+    "context",
+    "raw",
+    "format",
+    "keep_alive",
+    "images",
+    "tools",
+    "think",
+    "truncate",
+    "shift",
+    "response_format",
+    "functions",
 )
-#: A rough, deliberately generous characters-per-token ratio for sizing prompts.
-_CHARS_PER_TOKEN: Final = 3
-#: Where message and content-part objects keep their text.
-_TEXT_FIELDS: Final = ("content", "text", "thinking")
-_PER_MESSAGE_TOKENS: Final = 4
+#: Fields of message and content-part objects Go folds the same way (native and OpenAI).
+_MESSAGE_FIELDS: Final = (
+    "role",
+    "content",
+    "thinking",
+    "reasoning",
+    "images",
+    "tool_calls",
+    "tool_name",
+    "tool_call_id",
+    "name",
+    "text",
+    "type",
+    "image_url",
+)
+#: Largest output cap anyone may name: beyond it a number is a mistake or an attack
+#: (it used to reach the admission script as a float and fail there as a store error).
+MAX_OUTPUT_TOKENS: Final = 1_048_576
+#: Numbers policyd reads (output caps, context ids) must fit Go's and Lua's integers.
+_INT32: Final = 2**31 - 1
 
 
 class BodyError(Exception):
@@ -66,6 +104,8 @@ class BodyFacts:
     #: The largest output cap named in any field, honoured by Ollama or not; checked
     #: against the key's maximum so a request is refused rather than silently clamped.
     requested_output: int | None = None
+    #: The body as decoded, which the normaliser rewrites into what Ollama receives.
+    fields: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 
 def _simple_fold(ch: str) -> str:
@@ -104,6 +144,14 @@ def _refuse_constant(name: str) -> Any:
     raise BodyError(f"invalid JSON: {name} is not a number")
 
 
+def _finite_float(text: str) -> float:
+    # Python reads 1e999 as infinity, which it would then write as `Infinity`: not JSON.
+    value = float(text)
+    if not math.isfinite(value):
+        raise BodyError(f"number out of range in request body: {text[:40]}")
+    return value
+
+
 def _decode(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
@@ -111,10 +159,16 @@ def _decode(raw: bytes) -> dict[str, Any]:
         raise BodyError("request body is not valid UTF-8") from None
     try:
         value = json.loads(
-            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+            text,
+            object_pairs_hook=_refuse_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
         )
     except json.JSONDecodeError as exc:
         raise BodyError(f"invalid JSON in request body: {exc.msg} at offset {exc.pos}") from None
+    except ValueError:
+        # An integer literal past Python's 4300-digit conversion limit.
+        raise BodyError("number out of range in request body") from None
     except RecursionError:
         raise BodyError("request body is nested too deeply") from None
     if not isinstance(value, dict):
@@ -128,13 +182,43 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return value
 
 
+_FOLDED_MESSAGE_FIELDS: Final = {go_fold(f): f for f in _MESSAGE_FIELDS}
+_EXACT_MESSAGE_FIELDS: Final = frozenset(_MESSAGE_FIELDS)
+
+
+def _check_message_keys(item: dict[str, Any]) -> None:
+    for key in item:
+        if key in _EXACT_MESSAGE_FIELDS:
+            continue
+        canonical = _FOLDED_MESSAGE_FIELDS.get(key.upper() if key.isascii() else go_fold(key))
+        if canonical is not None:
+            raise BodyError(f"ambiguous key {key!r} in a message; write it as {canonical!r}")
+
+
+def _check_messages(messages: Any) -> None:
+    """Message and content-part keys Go would fold onto a field must be spelled exactly."""
+    if messages is None:
+        return
+    if type(messages) is not list:
+        raise BodyError("messages must be an array")
+    for message in messages:
+        if type(message) is not dict:
+            raise BodyError("each message must be an object")
+        _check_message_keys(message)
+        content = message.get("content")
+        if type(content) is list:
+            for part in content:
+                if type(part) is dict:
+                    _check_message_keys(part)
+
+
 def is_cloud_model(name: str) -> bool:
     """True for names Ollama would proxy to ollama.com under the server's own account."""
     folded = name.strip().lower()
     return folded.endswith((":cloud", "-cloud"))
 
 
-def _optional_int(value: Any, field: str, *, minimum: int) -> int | None:
+def _optional_int(value: Any, field: str, *, minimum: int, maximum: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -145,6 +229,8 @@ def _optional_int(value: Any, field: str, *, minimum: int) -> int | None:
         value = int(value)
     if value < minimum:
         raise BodyError(f"{field} must be at least {minimum}")
+    if value > maximum:
+        raise BodyError(f"{field} is out of range: at most {maximum}")
     return int(value)
 
 
@@ -155,35 +241,6 @@ def _stream_flag(body: dict[str, Any], *, default: bool) -> bool:
     if not isinstance(value, bool):
         raise BodyError("stream must be a boolean")
     return value
-
-
-def _text_chars(value: Any) -> int:
-    """Characters of prompt text in a field, walking message and content-part shapes."""
-    # Exact type checks and loops instead of isinstance() and sum(generator): a long
-    # chat walks this for every message. Decoded JSON has no subclasses.
-    kind = type(value)
-    if kind is str:
-        return len(value)
-    total = 0
-    if kind is list:
-        for item in value:
-            total += len(item) if type(item) is str else _text_chars(item)
-    elif kind is dict:
-        for name in _TEXT_FIELDS:
-            part = value.get(name)
-            if part is not None:
-                total += len(part) if type(part) is str else _text_chars(part)
-    return total
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    chars = sum(_text_chars(body.get(f)) for f in ("prompt", "system", "suffix", "input"))
-    messages = body.get("messages")
-    count = 0
-    if isinstance(messages, list):
-        chars += _text_chars(messages)
-        count = len(messages)
-    return -(-chars // _CHARS_PER_TOKEN) + count * _PER_MESSAGE_TOKENS
 
 
 def _model(body: dict[str, Any], kind: EndpointKind) -> str:
@@ -205,17 +262,54 @@ def _native_output_cap(body: dict[str, Any]) -> int | None:
         return None
     if not isinstance(options, dict):
         raise BodyError("options must be an object")
-    cap = _optional_int(options.get("num_predict"), "options.num_predict", minimum=-2)
-    # -1 (unbounded) and -2 (fill the context) name no cap.
-    return cap if cap is not None and cap >= 0 else None
+    cap = _optional_int(
+        options.get("num_predict"),
+        "options.num_predict",
+        minimum=-_INT32,
+        maximum=_INT32,
+    )
+    # -1 (unbounded), -2 (fill the context) and 0 (Ollama: no limit) name no cap.
+    return cap if cap is not None and cap > 0 else None
 
 
 def _openai_output_caps(body: dict[str, Any]) -> tuple[int | None, int | None]:
     """(cap Ollama enforces, largest cap named). Ollama maps only `max_tokens`."""
-    enforced = _optional_int(body.get("max_tokens"), "max_tokens", minimum=1)
-    other = _optional_int(body.get("max_completion_tokens"), "max_completion_tokens", minimum=1)
+    enforced = _optional_int(body.get("max_tokens"), "max_tokens", minimum=1, maximum=_INT32)
+    other = _optional_int(
+        body.get("max_completion_tokens"), "max_completion_tokens", minimum=1, maximum=_INT32
+    )
     named = [c for c in (enforced, other) if c is not None]
     return enforced, max(named) if named else None
+
+
+def _check_context(body: dict[str, Any]) -> None:
+    context = body.get("context")
+    if context is None:
+        return
+    if type(context) is not list:
+        raise BodyError("context must be an array of token ids")
+    for item in context:
+        if type(item) is not int or not 0 <= item < _INT32:
+            raise BodyError("context must be an array of token ids")
+
+
+def _require_input(body: dict[str, Any], surface: Surface, kind: EndpointKind) -> None:
+    """Refuse a request that gives the model nothing to process.
+
+    Without input Ollama only loads the model (or unloads it, with `keep_alive: 0`) and
+    answers `done_reason: load`: an act on the shared server, not inference.
+    """
+    if kind is EndpointKind.EMBED:
+        value = body.get("input", body.get("prompt"))
+    elif "messages" in body or (surface is Surface.OPENAI and "prompt" not in body):
+        value = body.get("messages")
+    else:
+        value = body.get("prompt")
+    if value is None or value == "" or value == []:
+        raise BodyError(
+            "the request has no prompt, messages or input; requests that only load or "
+            "unload a model are not accepted on this gateway"
+        )
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -232,8 +326,13 @@ def _include_usage(body: dict[str, Any]) -> bool:
     return flag
 
 
-def read_body(raw: bytes, *, surface: Surface, kind: EndpointKind) -> BodyFacts:
-    """Extract the facts policy needs from a POST body, refusing what Go would read otherwise."""
+def read_body(
+    raw: bytes, *, surface: Surface, kind: EndpointKind, image_tokens: int = 0
+) -> BodyFacts:
+    """Extract the facts policy needs from a POST body, refusing what Go would read otherwise.
+
+    `image_tokens` is what one image costs in the prompt estimate (`NZ_IMAGE_TOKENS`).
+    """
     if not raw.strip():
         raise BodyError("missing request body")
     body = _decode(raw)
@@ -241,10 +340,16 @@ def read_body(raw: bytes, *, surface: Surface, kind: EndpointKind) -> BodyFacts:
     if is_cloud_model(model):
         raise CloudModelError(f"cloud models are not available through this gateway: {model!r}")
     if kind is EndpointKind.SHOW:
-        return BodyFacts(model=model, stream=False, max_output_tokens=None, prompt_tokens=0)
-    if kind is EndpointKind.EMBED:
         return BodyFacts(
-            model=model, stream=False, max_output_tokens=0, prompt_tokens=_prompt_tokens(body)
+            model=model, stream=False, max_output_tokens=None, prompt_tokens=0, fields=body
+        )
+    _check_messages(body.get("messages"))
+    _check_context(body)
+    if kind is EndpointKind.EMBED:
+        _require_input(body, surface, kind)
+        tokens = prompt_tokens(body, image_tokens=image_tokens)
+        return BodyFacts(
+            model=model, stream=False, max_output_tokens=0, prompt_tokens=tokens, fields=body
         )
     if surface is Surface.OLLAMA:
         stream = _stream_flag(body, default=True)
@@ -255,11 +360,13 @@ def read_body(raw: bytes, *, surface: Surface, kind: EndpointKind) -> BodyFacts:
         stream = _stream_flag(body, default=False)
         cap, requested = _openai_output_caps(body)
         include_usage = _include_usage(body)
+    _require_input(body, surface, kind)
     return BodyFacts(
         model=model,
         stream=stream,
         max_output_tokens=cap,
-        prompt_tokens=_prompt_tokens(body),
+        prompt_tokens=prompt_tokens(body, image_tokens=image_tokens),
         include_usage=include_usage,
         requested_output=requested,
+        fields=body,
     )

@@ -13,10 +13,18 @@ from typing import Final
 
 import attrs
 
+from policyd.authz.listing import LISTING_PATHS, ListingUnavailable, filtered_listing
 from policyd.authz.refusals import Reason, Refusal, render
-from policyd.authz.screening import admit, check_key_policy, reservation, screen_request
+from policyd.authz.screening import (
+    admit,
+    allowed_models,
+    check_key_policy,
+    normalised_body,
+    reservation,
+    screen_request,
+)
 from policyd.authz.services import Services
-from policyd.shared.contract import Surface
+from policyd.shared.contract import H_LISTING, Surface
 from policyd.shared.errors import StoreUnavailable
 
 __all__ = ["Verdict", "decide_authz"]
@@ -58,7 +66,14 @@ async def decide_authz(
     The arguments are forward_auth's headers: X-Forwarded-Method, X-Forwarded-Uri,
     X-Nz-Body, Authorization and X-Request-Id.
     """
-    screened = screen_request(method, target, body, max_body_bytes=services.settings.max_body_bytes)
+    settings = services.settings
+    screened = screen_request(
+        method,
+        target,
+        body,
+        max_body_bytes=settings.max_body_bytes,
+        image_tokens=settings.image_tokens,
+    )
     if screened.refusal is not None:
         _log.info("refused %s: %s", request_id, screened.refusal.reason)
         return _refused(screened.refusal, screened.surface, request_id)
@@ -78,7 +93,23 @@ async def decide_authz(
     if policy_refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
         return _refused(policy_refusal, screened.surface, request_id)
-    reserved = reservation(screened, record)
+    normalised = normalised_body(screened, record, default_output=settings.default_output_tokens)
+    if isinstance(normalised, Refusal):
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, normalised.reason)
+        return _refused(normalised, screened.surface, request_id)
+    listing: str | None = None
+    if screened.endpoint is not None and screened.endpoint.path in LISTING_PATHS:
+        allowed = allowed_models(record)
+        if allowed is not None:
+            # Before admission: a failed fetch must not leave a lease no log line releases.
+            try:
+                listing = await filtered_listing(
+                    services.http, settings.ollama_url, screened.endpoint.path, allowed
+                )
+            except ListingUnavailable as exc:
+                _log.warning("failing closed for %s: %s", request_id, exc)
+                return _refused(_UNAVAILABLE, screened.surface, request_id)
+    reserved = reservation(screened, normalised)
     try:
         admission = await services.limiter.admit(
             record, request_id=request_id or uuid.uuid4().hex, reserve=reserved
@@ -92,7 +123,14 @@ async def decide_authz(
             admission.refusal, headers=admission.refusal.headers + admission.headers
         )
         return _refused(limited, screened.surface, request_id)
-    upstream = admit(screened, record, reserved=reserved)
+    upstream = admit(
+        screened,
+        record,
+        reserved=reserved,
+        upstream_body=normalised.body if normalised is not None else None,
+    )
+    if listing is not None:
+        upstream.append((H_LISTING, listing))
     upstream.extend(admission.headers)
     return Verdict(200, upstream)
 

@@ -29,6 +29,10 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     monthly_tokens: int | None = None
     total_tokens: int | None = None
     max_output_tokens: int | None = None
+    #: Longest keep_alive a client may ask for; unset = the client's is removed.
+    max_keep_alive_seconds: int | None = None
+    #: Largest num_ctx a client may ask for; unset = the client's is removed.
+    max_num_ctx: int | None = None
     allowed_models: tuple[str, ...] | None = None
     prompt_logging: bool | None = None
     prompt_retention_days: int | None = None

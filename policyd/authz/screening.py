@@ -15,25 +15,33 @@ from typing import Final
 import attrs
 import pybase64
 
-from policyd.authz.body import BodyError, BodyFacts, CloudModelError, is_cloud_model, read_body
+from policyd.authz.body import (
+    MAX_OUTPUT_TOKENS,
+    BodyError,
+    BodyFacts,
+    CloudModelError,
+    is_cloud_model,
+    read_body,
+)
+from policyd.authz.normalise import MAX_UPSTREAM_BODY, Normalised, RuntimePolicy, normalise
 from policyd.authz.paths import Endpoint, EndpointKind, PathRefusal, classify_target, surface_of
 from policyd.authz.records import KeyRecord
 from policyd.authz.refusals import Reason, Refusal
-from policyd.shared.contract import H_GRANT, Grant, Surface
+from policyd.shared.contract import H_GRANT, H_UPSTREAM_BODY, Grant, Surface
 
 __all__ = [
-    "DEFAULT_OUTPUT_RESERVE",
     "Screened",
     "admit",
+    "allowed_models",
     "check_key_policy",
     "decode_body_header",
     "model_allowed",
+    "normalised_body",
     "reservation",
+    "runtime_policy",
     "screen_request",
 ]
 
-#: Output tokens reserved when neither the request nor the key names a cap.
-DEFAULT_OUTPUT_RESERVE: Final = 1024
 # Printable ASCII without spaces: model names travel in headers and log fields.
 _MODEL_NAME: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
 
@@ -97,7 +105,12 @@ def _refuse(surface: Surface, reason: Reason, message: str) -> Screened:
 
 
 def screen_request(
-    method: str, target: str, body_header: str | None, *, max_body_bytes: int
+    method: str,
+    target: str,
+    body_header: str | None,
+    *,
+    max_body_bytes: int,
+    image_tokens: int = 1024,
 ) -> Screened:
     """Apply the path allowlist and read the body; refuse what must not go upstream."""
     surface = surface_of(target)
@@ -132,7 +145,7 @@ def screen_request(
     if isinstance(raw, Refusal):
         return Screened(surface, None, None, raw)
     try:
-        facts = read_body(raw, surface=surface, kind=endpoint.kind)
+        facts = read_body(raw, surface=surface, kind=endpoint.kind, image_tokens=image_tokens)
     except CloudModelError as exc:
         return _refuse(surface, Reason.CLOUD_MODEL, str(exc))
     except BodyError as exc:
@@ -142,20 +155,51 @@ def screen_request(
     return Screened(surface, endpoint, facts)
 
 
+def _own_or_tenant(record: KeyRecord, name: str) -> int | None:
+    own: int | None = getattr(record.key_limits, name)
+    return own if own is not None else getattr(record.tenant_limits, name)
+
+
 def _output_cap(record: KeyRecord) -> int | None:
-    own = record.key_limits.max_output_tokens
-    return own if own is not None else record.tenant_limits.max_output_tokens
+    return _own_or_tenant(record, "max_output_tokens")
 
 
-def reservation(screened: Screened, record: KeyRecord) -> int:
-    """Tokens to reserve: prompt estimate plus the request's, key's or default output cap."""
+def runtime_policy(record: KeyRecord, *, default_output: int) -> RuntimePolicy:
+    """The key's say over the shared server: output cap, keep_alive and num_ctx bounds."""
+    cap = _output_cap(record)
+    return RuntimePolicy(
+        output_cap=cap if cap is not None else default_output,
+        max_keep_alive_s=_own_or_tenant(record, "max_keep_alive_seconds"),
+        max_num_ctx=_own_or_tenant(record, "max_num_ctx"),
+    )
+
+
+def normalised_body(
+    screened: Screened, record: KeyRecord, *, default_output: int
+) -> Normalised | Refusal | None:
+    """The body Ollama receives (None for a request without one), or a refusal."""
+    facts, endpoint = screened.facts, screened.endpoint
+    if facts is None or endpoint is None:
+        return None
+    policy = runtime_policy(record, default_output=default_output)
+    try:
+        result = normalise(facts, surface=screened.surface, kind=endpoint.kind, policy=policy)
+    except BodyError as exc:
+        return Refusal(reason=Reason.BAD_BODY, message=str(exc))
+    if len(result.body) > MAX_UPSTREAM_BODY:
+        return Refusal(
+            reason=Reason.TOO_LARGE,
+            message="request body too large once written as ASCII JSON for the model server",
+        )
+    return result
+
+
+def reservation(screened: Screened, normalised: Normalised | None) -> int:
+    """Tokens to reserve: everything Ollama tokenises plus the output cap it was sent."""
     facts = screened.facts
     if facts is None:
         return 0
-    cap = facts.max_output_tokens
-    if cap is None:
-        cap = _output_cap(record)
-    return facts.prompt_tokens + (cap if cap is not None else DEFAULT_OUTPUT_RESERVE)
+    return facts.prompt_tokens + (normalised.output_tokens if normalised is not None else 0)
 
 
 def _model_ref(name: str) -> tuple[str, str | None]:
@@ -178,14 +222,19 @@ def model_allowed(model: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
+def allowed_models(record: KeyRecord) -> tuple[str, ...] | None:
+    """The key's model allowlist (its own, else its tenant's); None = every model."""
+    own = record.key_limits.allowed_models
+    return own if own is not None else record.tenant_limits.allowed_models
+
+
 def check_key_policy(screened: Screened, record: KeyRecord) -> Refusal | None:
     """The key's static rules: model allowlist and maximum output tokens."""
     facts = screened.facts
     model = facts.model if facts is not None else None
     if model is None and screened.endpoint is not None:
         model = screened.endpoint.path_model
-    own_models = record.key_limits.allowed_models
-    allowed = own_models if own_models is not None else record.tenant_limits.allowed_models
+    allowed = allowed_models(record)
     if model is not None and allowed is not None and not model_allowed(model, allowed):
         return Refusal(
             reason=Reason.MODEL_NOT_ALLOWED,
@@ -193,19 +242,27 @@ def check_key_policy(screened: Screened, record: KeyRecord) -> Refusal | None:
         )
     cap = _output_cap(record)
     requested = facts.requested_output if facts is not None else None
-    if cap is not None and requested is not None and requested > cap:
+    limit = cap if cap is not None else MAX_OUTPUT_TOKENS
+    if requested is not None and requested > limit:
+        whom = "this API key allows" if cap is not None else "this gateway allows"
         return Refusal(
             reason=Reason.OUTPUT_CAP_EXCEEDED,
             message=(
-                f"the request asks for up to {requested} output tokens; "
-                f"this API key allows at most {cap}"
+                f"the request asks for up to {requested} output tokens; {whom} at most {limit}"
             ),
         )
     return None
 
 
-def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[tuple[str, str]]:
-    """The headers Caddy copies onto the upstream request: the grant (see `contract.Grant`)."""
+def admit(
+    screened: Screened,
+    record: KeyRecord,
+    *,
+    reserved: int = 0,
+    upstream_body: str | None = None,
+) -> list[tuple[str, str]]:
+    """The headers Caddy copies onto the upstream request: the grant (see `contract.Grant`)
+    and the body Ollama receives instead of the client's."""
     assert screened.endpoint is not None
     facts = screened.facts
     endpoint = screened.endpoint
@@ -229,6 +286,10 @@ def admit(screened: Screened, record: KeyRecord, *, reserved: int = 0) -> list[t
         prompt_log=usage_counted and record.prompt_logging,
         stream_usage=stream_usage,
         reserved=reserved if usage_counted else None,
+        prompt=facts.prompt_tokens if usage_counted and facts is not None else None,
         model=model,
     )
-    return [(H_GRANT, grant.encode())]
+    headers = [(H_GRANT, grant.encode())]
+    if upstream_body is not None:
+        headers.append((H_UPSTREAM_BODY, upstream_body))
+    return headers

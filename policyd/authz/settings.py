@@ -44,6 +44,11 @@ class Settings:
     lease_ttl_s: float = 600.0
     #: How often last-used timestamps are flushed to Postgres.
     last_used_flush_s: float = 5.0
+    #: Prompt tokens one image counts for in a reservation (models differ: 256 to ~1600).
+    image_tokens: int = 1024
+    #: Output cap written into a request that names none when neither its key nor its
+    #: tenant sets `max_output_tokens`.
+    default_output_tokens: int = 1024
     log_level: str = "INFO"
 
 
@@ -61,6 +66,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     timeout_ms = read.number("NZ_STORE_TIMEOUT_MS", 2000, integer=True)
     lease_ttl = read.number("NZ_LEASE_TTL_S", 600)
     log_level = read.log_level("NZ_LOG_LEVEL")
+    image_tokens = read.number("NZ_IMAGE_TOKENS", 1024, integer=True, above=-1)
+    default_output = read.number("NZ_DEFAULT_OUTPUT_TOKENS", 1024, integer=True)
+    if not 1 <= default_output <= 1_048_576:
+        read.errors.append("NZ_DEFAULT_OUTPUT_TOKENS must be between 1 and 1048576")
+    if not 0 <= image_tokens <= 1_000_000:
+        read.errors.append("NZ_IMAGE_TOKENS must be between 0 and 1000000")
     if read.errors:
         raise SettingsError("invalid configuration: " + "; ".join(read.errors))
     return Settings(
@@ -73,4 +84,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         store_timeout_s=timeout_ms / 1000,
         lease_ttl_s=lease_ttl,
         log_level=log_level,
+        image_tokens=int(image_tokens),
+        default_output_tokens=int(default_output),
     )

@@ -24,6 +24,8 @@ _OPTIONS: Final = {
     "monthly-tokens": "monthly_tokens",
     "total-tokens": "total_tokens",
     "max-output-tokens": "max_output_tokens",
+    "max-keep-alive-seconds": "max_keep_alive_seconds",
+    "max-num-ctx": "max_num_ctx",
     "prompt-retention-days": "prompt_retention_days",
 }
 _UNSETTABLE: Final = (*_OPTIONS, "models", "prompt-logging")
@@ -66,6 +68,16 @@ def _changes(options: dict[str, Any], unset: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--monthly-tokens", type=click.IntRange(min=0), help="Per UTC month.")
 @click.option("--total-tokens", type=click.IntRange(min=0), help="Lifetime token budget.")
 @click.option("--max-output-tokens", type=click.IntRange(min=1), help="Largest output cap.")
+@click.option(
+    "--max-keep-alive-seconds",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="Longest keep_alive a client may ask for (unset: the client's is removed).",
+)
+@click.option(
+    "--max-num-ctx",
+    type=click.IntRange(min=1, max=2**31 - 1),
+    help="Largest num_ctx a client may ask for (unset: the client's is removed).",
+)
 @click.option("--models", default=None, help="Allowed models, comma separated.")
 @click.option("--prompt-logging", type=click.Choice(["on", "off"]), default=None)
 @click.option("--prompt-retention-days", type=click.IntRange(min=1), default=None)

@@ -18,10 +18,12 @@ __all__ = [
     "COPIED_HEADERS",
     "H_BODY",
     "H_GRANT",
+    "H_LISTING",
     "H_RATE_REQUESTS",
     "H_RATE_TOKENS",
     "H_REFUSAL",
     "H_REQUEST_ID",
+    "H_UPSTREAM_BODY",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
     "LOG_GRANT",
@@ -57,7 +59,15 @@ H_RATE_REQUESTS: Final = "X-Nz-Rate-Requests"
 #: The same for the token limit.
 H_RATE_TOKENS: Final = "X-Nz-Rate-Tokens"
 
-COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS)
+#: The body Ollama receives: policyd's canonical re-serialisation of the admitted body,
+#: compact ASCII JSON. Caddy sets it as the upstream body (`request_body set`) and strips
+#: the header before Ollama; the access log never holds request headers.
+H_UPSTREAM_BODY: Final = "X-Nz-Upstream-Body"
+#: A model listing policyd filtered for the key (`/api/tags`, `/api/ps`, `/v1/models`):
+#: Caddy answers the client with it and never asks Ollama.
+H_LISTING: Final = "X-Nz-Listing"
+
+COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS, H_UPSTREAM_BODY, H_LISTING)
 
 #: OpenAI-style rate-limit headers Caddy sets on the client's response (streams
 #: included) from `H_RATE_REQUESTS` and `H_RATE_TOKENS`.
@@ -88,10 +98,16 @@ class Grant:
     stream_usage: bool = False
     #: Tokens reserved at admission (estimated prompt + maximum output).
     reserved: int | None = None
+    #: policyd's count of the tokenisable content it admitted (prompt text, context ids,
+    #: images, tools, system, template, suffix, format): the prompt part of `reserved`,
+    #: so meterd can estimate a streamed reply's prompt from it, never from raw bytes.
+    prompt: int | None = None
     model: str | None = None
 
     def encode(self) -> str:
         """`log=<c|-><p|-> key=… prefix=… tenant=… surface=… stream=0|1 usage=0|1 …`.
+
+        Optional tail, in order: `reserved=<tokens> prompt=<tokens> model=<name>`.
 
         Space-separated name=value pairs. `log` comes first, so Caddy's header matchers
         test the flags by prefix (`log=c*`) where no other value can reach; `model`,
@@ -108,6 +124,8 @@ class Grant:
         ]
         if self.reserved is not None:
             parts.append(f"reserved={self.reserved}")
+        if self.prompt is not None:
+            parts.append(f"prompt={self.prompt}")
         if self.model is not None:
             parts.append(f"model={self.model}")
         return " ".join(parts)

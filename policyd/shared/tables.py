@@ -68,6 +68,8 @@ metadata: Final = MetaData(
 LIMIT_COLUMNS: Final = (
     *DIMENSIONS,
     "max_output_tokens",
+    "max_keep_alive_seconds",
+    "max_num_ctx",
     "allowed_models",
     "prompt_logging",
     "prompt_retention_days",
@@ -89,6 +91,12 @@ def _limit_columns() -> list[Column[object]]:
             Integer,
             CheckConstraint("max_output_tokens > 0", name="max_output"),
         ),
+        Column(
+            "max_keep_alive_seconds",
+            Integer,
+            CheckConstraint("max_keep_alive_seconds > 0", name="max_keep_alive"),
+        ),
+        Column("max_num_ctx", Integer, CheckConstraint("max_num_ctx > 0", name="max_num_ctx")),
         Column("allowed_models", ARRAY(Text)),
         Column("prompt_logging", Boolean),
         Column(

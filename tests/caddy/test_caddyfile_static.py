@@ -29,6 +29,8 @@ MUTATIONS = ["pull", "push", "create", "copy", "delete", "blobs"]
 STRIPPED_UPSTREAM = {
     "Authorization",
     contract.H_BODY,
+    contract.H_UPSTREAM_BODY,
+    contract.H_LISTING,
     "Origin",
     "X-Forwarded-Method",
     "X-Forwarded-Uri",
@@ -118,7 +120,8 @@ def test_refusal_body_is_ollama_shaped_json(config: JsonObject) -> None:
         for h in handlers
         if h["handler"] == "headers" and "Content-Type" in h.get("response", {}).get("set", {})
     ]
-    assert content_types == [["application/json; charset=utf-8"]]
+    # The mutation refusal and the filtered model listing both answer JSON.
+    assert content_types == [["application/json; charset=utf-8"]] * 2
 
 
 def test_client_nz_headers_deleted_before_forward_auth(config: JsonObject) -> None:
@@ -188,8 +191,22 @@ def test_request_body_bounded_by_setting(env: dict[str, str]) -> None:
         if value is not None:
             run_env["NZ_MAX_BODY_BYTES"] = value
         handlers = [h for h, _ in gateway_handlers(adapt(DEV_CADDYFILE, env=run_env))]
-        (body,) = [h for h in handlers if h["handler"] == "request_body"]
+        (body,) = [h for h in handlers if h["handler"] == "request_body" and "max_size" in h]
         assert body["max_size"] == expected
+
+
+def test_upstream_body_is_set_from_policyd_after_forward_auth(config: JsonObject) -> None:
+    """Only after forward_auth, and only when policyd sent one, the body becomes policyd's."""
+    walked = gateway_handlers(config)
+    auth = next(i for i, (h, _) in enumerate(walked) if is_forward_auth(h))
+    ((index, handler, matchers),) = [
+        (i, h, m)
+        for i, (h, m) in enumerate(walked)
+        if h["handler"] == "request_body" and "set" in h
+    ]
+    assert index > auth
+    assert handler["set"] == f"{{http.request.header.{contract.H_UPSTREAM_BODY}}}"
+    assert {"header": {contract.H_UPSTREAM_BODY: ["*"]}} in matchers
 
 
 def test_probes_go_to_policyd_without_auth(config: JsonObject, env: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.authz.body import BodyError, CloudModelError, go_fold, is_cloud_model, read_body
+from policyd.authz.normalise import serialise
 from policyd.authz.paths import EndpointKind
 from policyd.shared.contract import Surface
 
@@ -180,7 +181,8 @@ def _reference_chars(value: object) -> int:
     if isinstance(value, list):
         return sum(_reference_chars(item) for item in value)
     if isinstance(value, dict):
-        return sum(_reference_chars(value.get(k)) for k in ("content", "text", "thinking"))
+        fields = ("content", "text", "thinking", "reasoning")
+        return sum(_reference_chars(value.get(k)) for k in fields)
     return 0
 
 
@@ -194,7 +196,16 @@ _JSON_VALUES = st.recursive(
 )
 
 
-@given(messages=st.lists(_JSON_VALUES, max_size=6), prompt=_JSON_VALUES)
+_MESSAGES = st.lists(
+    st.dictionaries(
+        st.sampled_from(["content", "text", "thinking", "reasoning", "role"]), _JSON_VALUES
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(messages=_MESSAGES, prompt=_JSON_VALUES)
 def test_prompt_estimate_counts_text_anywhere(messages: list[object], prompt: object) -> None:
     """The estimate counts every text the definition names, in any shape a client sends."""
     body = {"model": "m", "messages": messages, "prompt": prompt}
@@ -211,3 +222,20 @@ def test_a_duplicate_deep_in_a_long_chat_is_refused() -> None:
     broken = raw.replace(b'"content": "turn 250"', b'"content": "turn 250", "role": "x"')
     with pytest.raises(BodyError, match="duplicate key 'role'"):
         read_body(broken, surface=OLLAMA, kind=GEN)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "prompt": "plain"},
+        {"model": "m", "prompt": "héllo ✓ 😀 \u2028", "x": "\ud800"},
+        {"model": "m", "prompt": "x", "options": {"seed": 10**30}},
+        {"model": "m", "prompt": 'ctl \x00\x1f " \\ </script>', "n": [1.5, -0.0, 1e300]},
+    ],
+)
+def test_serialised_bodies_are_ascii_json_that_reads_back_the_same(body: dict[str, object]) -> None:
+    """The body Ollama receives is ASCII JSON equal to what policyd parsed, whichever
+    encoder wrote it."""
+    text = serialise(body)
+    assert text.isascii()
+    assert json.loads(text) == body

@@ -12,17 +12,18 @@ from hypothesis import strategies as st
 from policyd.authz.records import KeyRecord, Limits
 from policyd.authz.refusals import Reason, Refusal, render
 from policyd.authz.screening import (
-    DEFAULT_OUTPUT_RESERVE,
     admit,
     check_key_policy,
     decode_body_header,
     model_allowed,
+    normalised_body,
     reservation,
     screen_request,
 )
 from policyd.shared.contract import H_GRANT, Surface, parse_grant
 
 LIMIT = 1000
+DEFAULT_OUTPUT = 1024
 
 
 def b64(body: object) -> str:
@@ -134,18 +135,28 @@ def test_non_streamed_generation_is_captured_streamed_is_not() -> None:
         (10, 20, 30, 10),
         (None, 20, 30, 20),
         (None, None, 30, 30),
-        (None, None, None, DEFAULT_OUTPUT_RESERVE),
+        (None, None, None, DEFAULT_OUTPUT),
+        (-1, 20, None, 20),
+        (0, None, 30, 30),
+        (-2, None, None, DEFAULT_OUTPUT),
     ],
 )
 def test_reservation_uses_request_then_key_then_tenant_cap(
     request_cap: int | None, key_cap: int | None, tenant_cap: int | None, output: int
 ) -> None:
-    """The output part of a reservation comes from the most specific cap named."""
-    body: dict[str, object] = {"model": "m", "prompt": ""}
+    """The output part of a reservation is the cap written into the body Ollama receives:
+    the request's own if positive, else the key's, the tenant's or the default."""
+    body: dict[str, object] = {"model": "m", "prompt": "abc"}
     if request_cap is not None:
         body["options"] = {"num_predict": request_cap}
     screened = screen_request("POST", "/api/generate", b64(body), max_body_bytes=LIMIT)
-    assert reservation(screened, record(key_cap=key_cap, tenant_cap=tenant_cap)) == output
+    key = record(key_cap=key_cap, tenant_cap=tenant_cap)
+    normalised = normalised_body(screened, key, default_output=DEFAULT_OUTPUT)
+    assert normalised is not None
+    assert not isinstance(normalised, Refusal)
+    assert json.loads(normalised.body)["options"]["num_predict"] == output
+    assert screened.facts is not None
+    assert reservation(screened, normalised) == screened.facts.prompt_tokens + output
 
 
 def test_info_endpoints_need_no_body() -> None:
