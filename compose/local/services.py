@@ -437,6 +437,9 @@ class StandinServer:
     port: int = attrs.field(factory=free_port)
     tokens_per_s: float = 200.0
     first_token_ms: int = 20
+    #: The models it lists and serves (its default three when empty).
+    models: tuple[str, ...] = ()
+    #: Also the log's and (under `make up`) the pid file's name: standin, standin2, ...
     name: str = "standin"
 
     @property
@@ -446,7 +449,7 @@ class StandinServer:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "standin.log"
+        return self.log_dir / f"{self.name}.log"
 
     def start(self) -> ProcessHandle:
         """Start the stand-in and wait until GET /api/version answers 200."""
@@ -457,7 +460,8 @@ class StandinServer:
             "--tokens-per-s", f"{self.tokens_per_s:g}",
             "--first-token-ms", str(self.first_token_ms),
         ]  # fmt: skip
-        handle = spawn(self.name, argv, log_path=self.log_path, env=base_env(), cwd=REPO_ROOT)
+        env = base_env({"NZ_STANDIN_MODELS": ",".join(self.models)} if self.models else None)
+        handle = spawn(self.name, argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
         wait_until(
             lambda: listens_on(handle.family(), self.port) and _http_ok(f"{self.url}/api/version"),
             handle=handle,

@@ -26,6 +26,7 @@ from policyd.authz.limits import Limiter
 from policyd.authz.rebuild import TenantLoader
 from policyd.authz.services import Services
 from policyd.authz.settings import Settings, load_settings
+from policyd.authz.upstreams import UpstreamPool
 from policyd.shared.contract import load_script
 from policyd.shared.resp import RespClient, supports
 
@@ -74,6 +75,9 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 timeout_s=settings.store_timeout_s,
                 hot=hot,
             )
+            upstreams = UpstreamPool(
+                settings.upstreams, http=http, interval_s=settings.upstream_refresh_s
+            )
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -82,9 +86,13 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
                 limiter=limiter,
                 last_used=last_used,
+                upstreams=upstreams,
             )
             last_used.start()
             opened.push_async_callback(last_used.stop)
+            if upstreams.multi:
+                upstreams.start()
+                opened.push_async_callback(upstreams.stop)
             yield
 
     return lifespan
