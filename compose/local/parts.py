@@ -90,6 +90,9 @@ class StackConfig:
     policyd_extra: dict[str, str] = attrs.field(factory=dict)
     #: Extra Caddy settings (e.g. NZ_UPSTREAM_MAX_REQUESTS for spill-over tests).
     caddy_extra: dict[str, str] = attrs.field(factory=dict)
+    #: Settings for everything that talks to the stores: policyd, meterd and the CLI
+    #: (e.g. NZ_REDIS_SENTINELS).
+    store_extra: dict[str, str] = attrs.field(factory=dict)
     #: NZ_METERD_NODE: names this gateway node in the audit and meterd's checkpoints.
     meterd_node: str = "local"
 
@@ -181,6 +184,7 @@ class Stack:
                     "NZ_REDIS_URL": self.redis_url,
                     "NZ_ACCESS_LOG": str(config.access_log),
                     "NZ_METERD_NODE": config.meterd_node,
+                    **config.store_extra,
                     "NZ_METERD_POLL_S": f"{config.meterd_poll_s:g}",
                     # Stopping waits 10 s before SIGKILL; drain within that.
                     "NZ_METERD_DRAIN_S": "5",
@@ -263,6 +267,7 @@ class Stack:
             "NZ_REDIS_URL": self.redis_url,
             "NZ_OLLAMA_URL": self.ollama_url,
             "NZ_KEY_HMAC_SECRET": self.config.hmac_secret,
+            **self.config.store_extra,
         }
 
     # --- lifecycle ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import attrs
 from policyd.authz.upstreams import Upstream, parse_upstreams
 from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
+from policyd.shared.sentinel import SentinelSettings, read_sentinels
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
 
@@ -27,6 +28,8 @@ class Settings:
 
     database_url: str = attrs.field(repr=redacted_url)
     redis_url: str = attrs.field(repr=redacted_url)
+    #: NZ_REDIS_SENTINELS: the primary is whichever these name (the URL's host is unused).
+    sentinels: SentinelSettings | None = None
     #: NZ_OLLAMA_URL: the Ollama hosts, in the order given (space-separated there).
     upstreams: tuple[Upstream, ...]
     key_hmac_secret: bytes = attrs.field(repr=False)
@@ -66,6 +69,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     read = EnvReader(os.environ if env is None else env)
     database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
     redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
+    sentinels = read_sentinels(read)
     upstreams, upstream_errors = parse_upstreams(read.text("NZ_OLLAMA_URL"))
     read.errors.extend(upstream_errors)
     secret = read.required("NZ_KEY_HMAC_SECRET")
@@ -88,6 +92,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=redis_url,
+        sentinels=sentinels,
         upstreams=upstreams,
         key_hmac_secret=secret.encode(),
         max_body_bytes=int(max_body),
