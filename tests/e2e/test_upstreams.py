@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
+import openai
 import pytest
 
-from compose.local.cli_runner import run_cli_json
+from compose.local.cli_runner import run_cli, run_cli_json
 from compose.local.parts import Stack, StackConfig
 from compose.local.services import PostgresServer, RedisServer, Service
 from policyd.authz.upstreams import model_ref
@@ -162,7 +164,11 @@ def test_a_client_cookie_cannot_choose_the_host(
 @pytest.mark.parametrize(
     ("path", "body", "expected"),
     [
-        ("/api/chat", {"model": "gamma", "messages": []}, {"error": "model 'gamma' not found"}),
+        (
+            "/api/chat",
+            {"model": "gamma", "messages": [{"role": "user", "content": "hi"}]},
+            {"error": "model 'gamma' not found"},
+        ),
         ("/api/show", {"model": "alpha:7b"}, {"error": "model 'alpha:7b' not found"}),
         (
             "/v1/chat/completions",
@@ -227,6 +233,32 @@ def test_listings_merge_every_hosts_models(pool: Stack, hosts: list[StandinLog],
     assert all(isinstance(m["created"], int) and m["created"] > 0 for m in models["data"])
     # No key, no listing.
     assert httpx.get(f"{pool.gateway_url}/api/tags", timeout=30).status_code == 401
+
+
+def test_merged_listings_are_scoped_to_the_keys_models(
+    pool: Stack, hosts: list[StandinLog], key: str
+) -> None:
+    """A key allowed `beta` and `shared` sees just those over both hosts, in every listing
+    (official clients), /api/ps included once the models ran."""
+    for model in ("alpha", "beta", "shared"):
+        generate = {"model": model, "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+        reply = httpx.post(
+            f"{pool.gateway_url}/api/generate",
+            json=generate,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+    scoped = make_key(pool, tenant="pool", name="scoped")
+    run_cli("set-limits", "--key", scoped[:11], "--models", "beta,shared", env=pool.env)
+    auth = {"Authorization": f"Bearer {scoped}"}
+    with ollama.Client(host=pool.gateway_url, headers=auth) as client:
+        assert [m.model for m in client.list().models] == ["shared:latest", "beta:latest"]
+        assert sorted(m.model for m in client.ps().models) == ["beta:latest", "shared:latest"]
+    with openai.OpenAI(base_url=f"{pool.gateway_url}/v1", api_key=scoped, max_retries=0) as oai:
+        assert [m.id for m in oai.models.list()] == ["shared:latest", "beta:latest"]
+    # Refused before any host is asked: not allowed (403) is not "not found" (404).
+    assert _show(pool, scoped, "alpha").status_code == 403
 
 
 def test_a_saturated_host_spills_over_to_the_next_that_has_the_model(
