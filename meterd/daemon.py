@@ -41,6 +41,7 @@ from meterd.tail import Checkpoint, Follower, Line, start_of
 from meterd.usage import Calibration, measure
 from policyd.shared import contract
 from policyd.shared.errors import is_redis_outage
+from policyd.shared.sentinel import primary_locator, redis_client
 
 __all__ = ["Daemon", "is_outage", "run"]
 
@@ -424,8 +425,9 @@ async def run(settings: Settings) -> int:
         # Connects on first use: Postgres being down at start is retried like any outage.
         pool = await create_pool(settings.database_url)
         opened.push_async_callback(_close_pool, pool)
-        client = aioredis.Redis.from_url(
+        client = redis_client(
             settings.redis_url,
+            settings.sentinels,
             socket_timeout=_REDIS_TIMEOUT_S,
             socket_connect_timeout=_REDIS_TIMEOUT_S,
         )
@@ -435,6 +437,7 @@ async def run(settings: Settings) -> int:
             redis_url=settings.redis_url,
             redis=client,
             timeout_s=_REDIS_TIMEOUT_S,
+            locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
         )
         opened.push_async_callback(script.aclose)
         return await Daemon(settings, pool=pool, redis=client, script=script).run()

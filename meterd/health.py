@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from meterd.settings import Settings
 from policyd.shared import keyspace
+from policyd.shared.sentinel import redis_client
 
 __all__ = ["Beat", "publish", "read_beat", "run_check"]
 
@@ -64,7 +65,9 @@ async def read_beat(redis: aioredis.Redis, node: str) -> Beat | None:
 
 async def run_check(settings: Settings) -> int:
     """`meterd --check`: 0 when this node's heartbeat is fresh, else 1."""
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    client = redis_client(
+        settings.redis_url, settings.sentinels, socket_timeout=5, socket_connect_timeout=5
+    )
     try:
         beat = await read_beat(client, settings.node)
     except (RedisError, OSError) as exc:

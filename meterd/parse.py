@@ -29,6 +29,7 @@ import msgspec
 from policyd.shared.contract import (
     H_REFUSAL,
     LOG_GRANT,
+    LOG_UPSTREAM,
     Surface,
     parse_grant,
 )
@@ -52,6 +53,8 @@ _METHOD: Final = re.compile(r"^[A-Z]{1,16}$")
 _PREFIX: Final = re.compile(r"^nz_[a-z0-9]{1,32}$")
 _REFUSAL: Final = re.compile(r"^[a-z0-9_.-]{1,64}$")
 _RESERVED: Final = re.compile(r"^[0-9]{1,18}$")
+# Caddy's {http.reverse_proxy.upstream.hostport}: host:port, IPv6 in brackets.
+_UPSTREAM: Final = re.compile(r"^[A-Za-z0-9._\-\[\]:%]{1,255}$")
 _SURFACES: Final = frozenset(s.value for s in Surface)
 # Where a line cut to its head may be closed (see `_close_head`).
 _RESP_BODY_FIELD: Final = b',"resp_body":"'
@@ -89,6 +92,8 @@ class Event:
     ttfb_ms: int | None = None
     client_ip: str | None = None
     user_agent: str | None = None
+    #: The Ollama host that served the request (host:port), when one did.
+    upstream: str | None = None
     #: policyd's refusal code, when policyd refused the request.
     refusal: str | None = None
     key_id: uuid.UUID | None = None
@@ -318,6 +323,7 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
             _MAX_USER_AGENT,
         ),
         refusal=_match(_REFUSAL, _first_header(resp_headers, H_REFUSAL)),
+        upstream=_match(_UPSTREAM, data.get(LOG_UPSTREAM)),
         key_id=_id(grant.get("key")),
         key_prefix=_match(_PREFIX, grant.get("prefix")),
         tenant_id=_id(grant.get("tenant")),

@@ -15,6 +15,7 @@ import attrs
 
 from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
+from policyd.shared.sentinel import SentinelSettings, read_sentinels
 
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
@@ -27,6 +28,8 @@ class Settings:
 
     database_url: str = attrs.field(repr=redacted_url)
     redis_url: str = attrs.field(repr=redacted_url)
+    #: NZ_REDIS_SENTINELS: the primary is whichever these name (the URL's host is unused).
+    sentinels: SentinelSettings | None = None
     #: Caddy's access log (NZ_ACCESS_LOG); rolled files are found beside it.
     access_log: Path
     #: Names this node's checkpoint and heartbeat; several nodes share one database.
@@ -61,6 +64,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     read = EnvReader(env)
     database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
     redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
+    sentinels = read_sentinels(read)
     access_log = read.required("NZ_ACCESS_LOG")
     if access_log and not Path(access_log).is_absolute():
         read.errors.append("NZ_ACCESS_LOG must be an absolute path")
@@ -71,6 +75,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     settings = Settings(
         database_url=database_url,
         redis_url=redis_url,
+        sentinels=sentinels,
         access_log=Path(access_log),
         node=node,
         batch_lines=int(num("NZ_METERD_BATCH_LINES", 500, integer=True)),

@@ -33,8 +33,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from policyd.shared.resp import (
+    ROLE_COMMAND,
     IncompleteReply,
+    Locate,
     RedisAddress,
+    check_role,
     encode_command,
     parse_reply,
     redis_address,
@@ -82,7 +85,7 @@ class _Connection:
         self._writer = writer
 
     @classmethod
-    async def open(cls, address: RedisAddress) -> _Connection:
+    async def open(cls, address: RedisAddress, *, primary_only: bool = False) -> _Connection:
         if address.path is not None:
             reader, writer = await asyncio.open_unix_connection(address.path)
         else:
@@ -90,9 +93,13 @@ class _Connection:
         conn = cls(reader, writer)
         try:
             handshake = address.handshake()
+            if primary_only:  # found through Sentinel: make sure it still is the primary
+                handshake.append(ROLE_COMMAND)
             for reply in await conn.exchange(b"".join(handshake), len(handshake)):
                 if isinstance(reply, Exception):
                     raise reply
+            if primary_only:
+                check_role(reply)
         except BaseException:
             conn.close()
             raise
@@ -131,13 +138,21 @@ class SettleScript:
     """Runs one Lua script (the settle script) for many calls per round trip."""
 
     def __init__(
-        self, *, source: str, redis_url: str, redis: aioredis.Redis, timeout_s: float
+        self,
+        *,
+        source: str,
+        redis_url: str,
+        redis: aioredis.Redis,
+        timeout_s: float,
+        locate: Locate | None = None,
     ) -> None:
         self._source = source
         self._sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         self._head = f"$7\r\nEVALSHA\r\n${len(self._sha)}\r\n{self._sha}\r\n"
         # The lean connection where the URL allows one, else redis-py's pipeline.
         self._address = redis_address(redis_url)
+        #: With Sentinels: where the primary is, asked on every new connection.
+        self._locate = locate
         self._redis = redis
         self._timeout_s = timeout_s
         self._conn: _Connection | None = None
@@ -157,6 +172,9 @@ class SettleScript:
             for i, reply in zip(refused, again, strict=True):
                 replies[i] = reply
         for reply in replies:
+            if isinstance(reply, ReadOnlyError):
+                # The primary was demoted (a failover): the next batch must find the new one.
+                await self.aclose()
             if isinstance(reply, Exception):
                 raise reply
         return replies
@@ -190,7 +208,12 @@ class SettleScript:
             try:
                 async with asyncio.timeout(self._timeout_s):
                     if self._conn is None:
-                        self._conn = await _Connection.open(self._address)
+                        address = self._address
+                        if self._locate is not None:
+                            address = await self._locate(address)
+                        self._conn = await _Connection.open(
+                            address, primary_only=self._locate is not None
+                        )
                     return await self._conn.exchange(payload, commands)
             except BaseException as exc:
                 # Replies may still be on their way: the connection cannot be trusted.

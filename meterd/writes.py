@@ -59,7 +59,7 @@ _ALWAYS: Final = "/* guard */ true"
 _AUDIT_COLUMNS: Final = """
     request_id, ts, tenant_id, key_id, key_prefix, method, path, surface, model, stream,
     status, prompt_tokens, completion_tokens, usage_source, reserved_tokens, bytes_in,
-    bytes_out, duration_ms, ttfb_ms, client_ip, user_agent, refusal"""
+    bytes_out, duration_ms, ttfb_ms, client_ip, user_agent, refusal, upstream"""
 
 # $1: the rows (`_AuditRow`), $2: the node.
 _AUDIT_SOURCE: Final = """
@@ -68,7 +68,7 @@ json_to_recordset($1::json) AS r(
     method text, path text, surface text, model text, stream boolean, status integer,
     prompt_tokens bigint, completion_tokens bigint, usage_source text,
     reserved_tokens bigint, bytes_in bigint, bytes_out bigint, duration_ms bigint,
-    ttfb_ms bigint, client_ip inet, user_agent text, refusal text)"""
+    ttfb_ms bigint, client_ip inet, user_agent text, refusal text, upstream text)"""
 
 _INSERT_AUDIT: Final = f"""
 INSERT INTO audit_log ({_AUDIT_COLUMNS}, node)
@@ -239,6 +239,7 @@ class _AuditRow(msgspec.Struct, kw_only=True):
     client_ip: str | None
     user_agent: str | None
     refusal: str | None
+    upstream: str | None
 
 
 class _LedgerRow(msgspec.Struct, kw_only=True):
@@ -303,6 +304,7 @@ def _audit_rows(records: Iterable[Record]) -> list[_AuditRow]:
                 client_ip=event.client_ip,
                 user_agent=event.user_agent,
                 refusal=event.refusal,
+                upstream=event.upstream,
             )
         )
     return rows

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import attrs
 import httpx
@@ -76,12 +76,25 @@ class StackConfig:
     gateway_port: int = attrs.field(factory=free_port)
     standin_tokens_per_s: float = 200.0
     standin_first_token_ms: int = 20
+    #: How many stand-ins (Ollama hosts) to run behind the gateway.
+    standins: int = 1
+    #: Per stand-in, the models it serves (its default three where not given).
+    standin_models: tuple[tuple[str, ...], ...] = ()
+    #: Ports of the second, third, ... stand-in (free ports where not given).
+    extra_standin_ports: tuple[int, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     durable_postgres: bool = False
     #: meterd's idle poll interval; tests want settlement within tens of milliseconds.
     meterd_poll_s: float = 0.05
     #: Extra policyd settings (e.g. NZ_LEASE_TTL_S for lease-expiry tests).
     policyd_extra: dict[str, str] = attrs.field(factory=dict)
+    #: Extra Caddy settings (e.g. NZ_UPSTREAM_MAX_REQUESTS for spill-over tests).
+    caddy_extra: dict[str, str] = attrs.field(factory=dict)
+    #: Settings for everything that talks to the stores: policyd, meterd and the CLI
+    #: (e.g. NZ_REDIS_SENTINELS).
+    store_extra: dict[str, str] = attrs.field(factory=dict)
+    #: NZ_METERD_NODE: names this gateway node in the audit and meterd's checkpoints.
+    meterd_node: str = "local"
 
     @property
     def log_dir(self) -> Path:
@@ -132,10 +145,14 @@ class Stack:
                     port=config.standin_port,
                     tokens_per_s=config.standin_tokens_per_s,
                     first_token_ms=config.standin_first_token_ms,
+                    models=config.standin_models[0] if config.standin_models else (),
                 )
             )
         # With a real Ollama there is no stand-in at all.
         self.standin: Final = None if config.ollama_url else standin
+        self.extra_standins: Final = (
+            [] if config.ollama_url else [self._standin(n) for n in range(2, config.standins + 1)]
+        )
         self.policyd: Final = Service(
             PolicydServer(
                 socket_path=config.policyd_socket,
@@ -155,6 +172,7 @@ class Stack:
                     "NZ_OLLAMA_URL": self.ollama_url,
                     "NZ_ACCESS_LOG": str(config.access_log),
                     "NZ_MAX_BODY_BYTES": str(config.max_body_bytes),
+                    **config.caddy_extra,
                 },
             )
         )
@@ -165,11 +183,28 @@ class Stack:
                     "NZ_DATABASE_URL": self.database_url,
                     "NZ_REDIS_URL": self.redis_url,
                     "NZ_ACCESS_LOG": str(config.access_log),
-                    "NZ_METERD_NODE": "local",
+                    "NZ_METERD_NODE": config.meterd_node,
+                    **config.store_extra,
                     "NZ_METERD_POLL_S": f"{config.meterd_poll_s:g}",
                     # Stopping waits 10 s before SIGKILL; drain within that.
                     "NZ_METERD_DRAIN_S": "5",
                 },
+            )
+        )
+
+    def _standin(self, number: int) -> Service[StandinServer]:
+        """The `number`th stand-in (2, 3, ...); the first is `self.standin`."""
+        config = self.config
+        ports = config.extra_standin_ports
+        models = config.standin_models
+        return Service(
+            StandinServer(
+                log_dir=config.log_dir,
+                port=ports[number - 2] if number - 2 < len(ports) else free_port(),
+                tokens_per_s=config.standin_tokens_per_s,
+                first_token_ms=config.standin_first_token_ms,
+                models=models[number - 1] if number - 1 < len(models) else (),
+                name=f"standin{number}",
             )
         )
 
@@ -189,11 +224,16 @@ class Stack:
 
     @property
     def ollama_url(self) -> str:
-        """The upstream Caddy proxies to: the real Ollama if configured, else the stand-in."""
+        """NZ_OLLAMA_URL: the real Ollama host(s) if configured, else the stand-ins' URLs."""
         if self.config.ollama_url:
-            return self.config.ollama_url.rstrip("/")
+            return " ".join(url.rstrip("/") for url in self.config.ollama_url.split())
         assert self.standin is not None
-        return self.standin.launcher.url
+        return " ".join(service.launcher.url for service in self.standins)
+
+    @property
+    def standins(self) -> list[Service[StandinServer]]:
+        """Every stand-in, the first one first (none with a real Ollama)."""
+        return [] if self.standin is None else [self.standin, *self.extra_standins]
 
     @property
     def standin_url(self) -> str | None:
@@ -227,16 +267,24 @@ class Stack:
             "NZ_REDIS_URL": self.redis_url,
             "NZ_OLLAMA_URL": self.ollama_url,
             "NZ_KEY_HMAC_SECRET": self.config.hmac_secret,
+            **self.config.store_extra,
         }
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def parts(self) -> Iterator[tuple[str, Service[Launcher]]]:
-        """(name, service) in start order; the stand-in is absent with a real Ollama."""
+        """(name, service) in start order; the stand-ins are absent with a real Ollama.
+
+        The second and later stand-ins follow the first as standin2, standin3, ...
+        """
         for name in PART_ORDER:
             service: Service[Launcher] | None = getattr(self, name)
             if service is not None:
                 yield name, service
+            if name == "standin":
+                # Service is invariant in its launcher; a stand-in's is a Launcher all the same.
+                for extra in cast("list[Service[Launcher]]", self.extra_standins):
+                    yield extra.launcher.name, extra
 
     def start(
         self,

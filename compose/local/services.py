@@ -44,6 +44,7 @@ __all__ = [
     "PolicydServer",
     "PostgresServer",
     "RedisServer",
+    "SentinelServer",
     "Service",
     "StandinServer",
     "caddy_binary",
@@ -387,6 +388,8 @@ class RedisServer:
     port: int = attrs.field(factory=free_port)
     log_dir: Path | None = None
     name: str = "redis"
+    #: Start as a replica of 127.0.0.1:<port> (Sentinel setups).
+    replica_of: int | None = None
 
     @property
     def url(self) -> str:
@@ -395,7 +398,7 @@ class RedisServer:
 
     @property
     def log_path(self) -> Path:
-        return (self.log_dir or self.data_dir) / "redis.log"
+        return (self.log_dir or self.data_dir) / f"{self.name}.log"
 
     def start(self) -> ProcessHandle:
         """Start redis-server and wait until it owns the port and answers PING."""
@@ -409,6 +412,8 @@ class RedisServer:
             "--dir", str(self.data_dir),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         handle = spawn(self.name, argv, log_path=self.log_path, env=base_env())
         wait_until(
             lambda: listens_on(handle.family(), self.port) and self._pong(),
@@ -426,6 +431,55 @@ class RedisServer:
             return False
 
 
+@attrs.frozen(kw_only=True)
+class SentinelServer:
+    """`redis-server --sentinel` watching the primary on 127.0.0.1:`primary_port`.
+
+    Tuned for tests: a primary silent for `down_after_ms` is failed over at once
+    (quorum `quorum`); production values belong in the operator's sentinel.conf.
+    """
+
+    data_dir: Path
+    primary_port: int
+    port: int = attrs.field(factory=free_port)
+    service: str = "nz"
+    quorum: int = 1
+    down_after_ms: int = 1000
+    log_dir: Path | None = None
+    name: str = "sentinel"
+
+    @property
+    def address(self) -> str:
+        """One NZ_REDIS_SENTINELS entry."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return (self.log_dir or self.data_dir) / f"{self.name}.log"
+
+    def start(self) -> ProcessHandle:
+        """Write a fresh sentinel.conf (Sentinel rewrites it) and start it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / f"{self.name}.conf"
+        conf.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.data_dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 10000\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        argv = [str(redis_binary()), str(conf), "--sentinel"]
+        handle = spawn(self.name, argv, log_path=self.log_path, env=base_env())
+        wait_until(
+            lambda: listens_on(handle.family(), self.port),
+            handle=handle,
+            what=f"sentinel on 127.0.0.1:{self.port}",
+        )
+        return handle
+
+
 # --- Ollama stand-in -----------------------------------------------------------------------
 
 
@@ -437,6 +491,9 @@ class StandinServer:
     port: int = attrs.field(factory=free_port)
     tokens_per_s: float = 200.0
     first_token_ms: int = 20
+    #: The models it lists and serves (its default three when empty).
+    models: tuple[str, ...] = ()
+    #: Also the log's and (under `make up`) the pid file's name: standin, standin2, ...
     name: str = "standin"
 
     @property
@@ -446,7 +503,7 @@ class StandinServer:
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / "standin.log"
+        return self.log_dir / f"{self.name}.log"
 
     def start(self) -> ProcessHandle:
         """Start the stand-in and wait until GET /api/version answers 200."""
@@ -457,7 +514,8 @@ class StandinServer:
             "--tokens-per-s", f"{self.tokens_per_s:g}",
             "--first-token-ms", str(self.first_token_ms),
         ]  # fmt: skip
-        handle = spawn(self.name, argv, log_path=self.log_path, env=base_env(), cwd=REPO_ROOT)
+        env = base_env({"NZ_STANDIN_MODELS": ",".join(self.models)} if self.models else None)
+        handle = spawn(self.name, argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
         wait_until(
             lambda: listens_on(handle.family(), self.port) and _http_ok(f"{self.url}/api/version"),
             handle=handle,

@@ -37,6 +37,8 @@ UPSTREAM_FILE: Final = RUN_DIR / "upstream"
 POSTGRES_PORT: Final = 55432
 REDIS_PORT: Final = 56379
 STANDIN_PORT: Final = 11435
+#: `NZ_STANDINS=2 make up`: the second stand-in on 11436, the third on 11437, ...
+MAX_STANDINS: Final = 8
 GATEWAY_PORT: Final = 8080
 #: Slow enough to watch the tokens arrive in a terminal.
 STANDIN_TOKENS_PER_S: Final = 25.0
@@ -88,7 +90,14 @@ def load_secrets() -> dict[str, str]:
     return values
 
 
-def build_stack(*, ollama_url: str | None) -> Stack:
+def _standin_count() -> int:
+    raw = os.environ.get("NZ_STANDINS", "").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_STANDINS:
+        raise UpError(f"NZ_STANDINS must be a whole number from 1 to {MAX_STANDINS}, got {raw!r}")
+    return int(raw)
+
+
+def build_stack(*, ollama_url: str | None, standins: int = 1) -> Stack:
     """The stack at the fixed local ports, under .run/."""
     keys = load_secrets()
     return Stack(
@@ -103,6 +112,8 @@ def build_stack(*, ollama_url: str | None) -> Stack:
             gateway_port=GATEWAY_PORT,
             standin_tokens_per_s=STANDIN_TOKENS_PER_S,
             standin_first_token_ms=STANDIN_FIRST_TOKEN_MS,
+            standins=standins,
+            extra_standin_ports=tuple(STANDIN_PORT + n for n in range(1, standins)),
             durable_postgres=True,
         )
     )
@@ -112,8 +123,22 @@ def _pidfile(name: str) -> Path:
     return PID_DIR / f"{name}.pid"
 
 
+def _recorded_parts() -> list[str]:
+    """Every part with a pid file, in start order (standin2, ... right after standin)."""
+    extra = sorted(
+        (path.stem for path in PID_DIR.glob("standin?*.pid")),
+        key=lambda name: int(name.removeprefix("standin") or "1"),
+    )
+    names: list[str] = []
+    for name in PART_ORDER:
+        names.append(name)
+        if name == "standin":
+            names.extend(n for n in extra if n.removeprefix("standin").isdigit())
+    return names
+
+
 def _running_handles() -> dict[str, ProcessHandle]:
-    found = {name: ProcessHandle.from_pidfile(_pidfile(name)) for name in PART_ORDER}
+    found = {name: ProcessHandle.from_pidfile(_pidfile(name)) for name in _recorded_parts()}
     return {name: handle for name, handle in found.items() if handle is not None}
 
 
@@ -126,8 +151,8 @@ def _check_ports_free(stack: Stack, running: Mapping[str, ProcessHandle]) -> Non
     ports = {
         "postgres": POSTGRES_PORT,
         "redis": REDIS_PORT,
-        "standin": STANDIN_PORT,
         "caddy": GATEWAY_PORT,
+        **{service.launcher.name: service.launcher.port for service in stack.standins},
     }
     busy = [
         f"{name} needs 127.0.0.1:{port}"
@@ -160,7 +185,16 @@ def up() -> int:
                 file=sys.stderr,
             )
             ollama_url = previous
-    stack = build_stack(ollama_url=ollama_url)
+    standins = _standin_count()
+    running_standins = sum(1 for name in running if name.startswith("standin"))
+    if running_standins and running_standins != standins:
+        print(
+            f"note: the running stack has {running_standins} stand-in(s); "
+            "`make down` first to change NZ_STANDINS",
+            file=sys.stderr,
+        )
+        standins = running_standins
+    stack = build_stack(ollama_url=ollama_url, standins=standins)
     _check_ports_free(stack, running)
     started: list[str] = []
 
@@ -251,7 +285,7 @@ Stop with: make down"""
 def down() -> int:
     """Stop every part recorded in .run/pids, last started first; safe to repeat."""
     stopped = 0
-    for name in reversed(PART_ORDER):
+    for name in reversed(_recorded_parts()):
         pidfile = _pidfile(name)
         handle = ProcessHandle.from_pidfile(pidfile)
         if handle is not None:
@@ -267,7 +301,7 @@ def down() -> int:
 def status() -> int:
     """Show which parts run and whether the gateway is ready."""
     running = _running_handles()
-    for name in PART_ORDER:
+    for name in _recorded_parts():
         handle = running.get(name)
         state = f"running (pid {handle.pid})" if handle else "stopped"
         print(f"{name:<8} {state}")

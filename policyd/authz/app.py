@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 import httpx
-import redis.asyncio as aioredis
 from litestar import Litestar
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -26,8 +25,10 @@ from policyd.authz.limits import Limiter
 from policyd.authz.rebuild import TenantLoader
 from policyd.authz.services import Services
 from policyd.authz.settings import Settings, load_settings
+from policyd.authz.upstreams import UpstreamPool
 from policyd.shared.contract import load_script
 from policyd.shared.resp import RespClient, supports
+from policyd.shared.sentinel import primary_locator, redis_client
 
 __all__ = ["create_app"]
 
@@ -42,8 +43,9 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 settings.database_url, pool_size=5, max_overflow=5, pool_pre_ping=True
             )
             opened.push_async_callback(engine.dispose)
-            redis = aioredis.Redis.from_url(
+            redis = redis_client(
                 settings.redis_url,
+                settings.sentinels,
                 socket_timeout=settings.store_timeout_s,
                 socket_connect_timeout=settings.store_timeout_s,
                 max_connections=64,
@@ -55,7 +57,11 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
             # The per-request Redis calls go through the lean client where the URL allows.
             hot = None
             if supports(settings.redis_url):
-                hot = RespClient(url=settings.redis_url, timeout_s=settings.store_timeout_s)
+                hot = RespClient(
+                    url=settings.redis_url,
+                    timeout_s=settings.store_timeout_s,
+                    locate=primary_locator(settings.sentinels, timeout_s=settings.store_timeout_s),
+                )
                 opened.push_async_callback(hot.aclose)
             http = await opened.enter_async_context(
                 httpx.AsyncClient(timeout=settings.ready_timeout_s)
@@ -74,6 +80,9 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 timeout_s=settings.store_timeout_s,
                 hot=hot,
             )
+            upstreams = UpstreamPool(
+                settings.upstreams, http=http, interval_s=settings.upstream_refresh_s
+            )
             app.state.services = Services(
                 settings=settings,
                 engine=engine,
@@ -82,9 +91,13 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 keys=KeyStore(settings=settings, redis=redis, engine=engine, hot=hot),
                 limiter=limiter,
                 last_used=last_used,
+                upstreams=upstreams,
             )
             last_used.start()
             opened.push_async_callback(last_used.stop)
+            if upstreams.multi:
+                upstreams.start()
+                opened.push_async_callback(upstreams.stop)
             yield
 
     return lifespan

@@ -13,9 +13,15 @@ from typing import Final
 
 import attrs
 
-from policyd.authz.listing import LISTING_PATHS, ListingUnavailable, filtered_listing
+from policyd.authz.listing import (
+    LISTING_PATHS,
+    ListingUnavailable,
+    filtered_listing,
+    merged_listing,
+)
 from policyd.authz.refusals import Reason, Refusal, render
 from policyd.authz.screening import (
+    Screened,
     admit,
     allowed_models,
     check_key_policy,
@@ -24,7 +30,8 @@ from policyd.authz.screening import (
     screen_request,
 )
 from policyd.authz.services import Services
-from policyd.shared.contract import H_LISTING, Surface
+from policyd.authz.upstreams import RouteKind
+from policyd.shared.contract import H_LISTING, H_ROUTE, Surface
 from policyd.shared.errors import StoreUnavailable
 
 __all__ = ["Verdict", "decide_authz"]
@@ -93,6 +100,15 @@ async def decide_authz(
     if policy_refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
         return _refused(policy_refusal, screened.surface, request_id)
+    route: str | None = None
+    if services.upstreams.multi and (model := _requested_model(screened)) is not None:
+        found = await services.upstreams.route_or_recheck(model)
+        if found.kind is RouteKind.MISSING:
+            # Every host answered and none has it: Ollama would say the same, in a 404.
+            _log.info("refused %s: model %r on no host", request_id, model)
+            refusal = Refusal(reason=Reason.MODEL_NOT_FOUND, message=f"model {model!r} not found")
+            return _refused(refusal, screened.surface, request_id)
+        route = found.header
     normalised = normalised_body(screened, record, default_output=settings.default_output_tokens)
     if isinstance(normalised, Refusal):
         _log.info("refused %s for key %s: %s", request_id, record.prefix, normalised.reason)
@@ -100,15 +116,18 @@ async def decide_authz(
     listing: str | None = None
     if screened.endpoint is not None and screened.endpoint.path in LISTING_PATHS:
         allowed = allowed_models(record)
-        if allowed is not None:
-            # Before admission: a failed fetch must not leave a lease no log line releases.
-            try:
+        # Before admission: a failed fetch must not leave a lease no log line releases.
+        try:
+            if services.upstreams.multi:
+                # Several hosts: every host's models in one listing (filtered if scoped).
+                listing = await merged_listing(services.upstreams, screened.endpoint.path, allowed)
+            elif allowed is not None:
                 listing = await filtered_listing(
                     services.http, settings.ollama_url, screened.endpoint.path, allowed
                 )
-            except ListingUnavailable as exc:
-                _log.warning("failing closed for %s: %s", request_id, exc)
-                return _refused(_UNAVAILABLE, screened.surface, request_id)
+        except ListingUnavailable as exc:
+            _log.warning("failing closed for %s: %s", request_id, exc)
+            return _refused(_UNAVAILABLE, screened.surface, request_id)
     reserved = reservation(screened, normalised)
     try:
         admission = await services.limiter.admit(
@@ -132,7 +151,15 @@ async def decide_authz(
     if listing is not None:
         upstream.append((H_LISTING, listing))
     upstream.extend(admission.headers)
+    if route is not None:
+        upstream.append((H_ROUTE, route))
     return Verdict(200, upstream)
+
+
+def _requested_model(screened: Screened) -> str | None:
+    if screened.facts is not None and screened.facts.model is not None:
+        return screened.facts.model
+    return screened.endpoint.path_model if screened.endpoint is not None else None
 
 
 _AUTH_MESSAGES: Final = {

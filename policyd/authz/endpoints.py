@@ -31,21 +31,27 @@ async def healthz() -> Response[bytes]:
 
 @get("/readyz", include_in_schema=False)
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Readiness: 200 only when Postgres, Redis and Ollama all answer; else 503 naming them."""
+    """Readiness: 200 only when Postgres, Redis and at least one Ollama host answer.
+
+    `upstreams` reports each host; `ollama` is ok while any of them is (Caddy sends
+    requests only to the healthy ones).
+    """
     services = _services(request)
-    checks = await probe_all(
+    checks, hosts = await probe_all(
         engine=services.engine,
         redis=services.redis,
         http=services.http,
-        ollama_url=services.settings.ollama_url,
+        ollama_urls=[upstream.url for upstream in services.settings.upstreams],
         timeout_s=services.settings.ready_timeout_s,
     )
     down = sorted(name for name, state in checks.items() if state != "ok")
+    body: dict[str, Any] = {"status": "unavailable" if down else "ready"}
     if down:
-        body = {"status": "unavailable", "down": down, "checks": checks}
-        return Response(content=msgspec.json.encode(body), status_code=503, media_type=_JSON)
-    body_ok = {"status": "ready", "checks": checks}
-    return Response(content=msgspec.json.encode(body_ok), media_type=_JSON)
+        body["down"] = down
+    body |= {"checks": checks, "upstreams": hosts}
+    return Response(
+        content=msgspec.json.encode(body), status_code=503 if down else 200, media_type=_JSON
+    )
 
 
 @get("/statsz", include_in_schema=False)

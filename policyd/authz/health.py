@@ -7,6 +7,7 @@ hide the state of the others.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import httpx
 import redis.asyncio as aioredis
@@ -48,16 +49,23 @@ async def probe_all(
     engine: AsyncEngine,
     redis: aioredis.Redis,
     http: httpx.AsyncClient,
-    ollama_url: str,
+    ollama_urls: Sequence[str],
     timeout_s: float,
-) -> dict[str, str]:
-    """Map each dependency ('postgres', 'redis', 'ollama') to 'ok' or what is wrong."""
+) -> tuple[dict[str, str], dict[str, str]]:
+    """('postgres', 'redis', 'ollama') -> 'ok' or what is wrong, and each Ollama host's state.
+
+    'ollama' is ok while at least one host answers; otherwise it is the first host's state.
+    """
     probes = {
         "postgres": asyncio.ensure_future(_postgres(engine)),
         "redis": asyncio.ensure_future(_redis(redis)),
-        "ollama": asyncio.ensure_future(_ollama(http, ollama_url)),
     }
+    hosts = {url: asyncio.ensure_future(_ollama(http, url)) for url in ollama_urls}
     results = await asyncio.gather(
-        *(_check(name, probe, timeout_s) for name, probe in probes.items())
+        *(_check(name, probe, timeout_s) for name, probe in (*probes.items(), *hosts.items()))
     )
-    return dict(results)
+    checks = dict(results[: len(probes)])
+    host_states = dict(results[len(probes) :])
+    states = list(host_states.values())
+    checks["ollama"] = "ok" if "ok" in states else (states[0] if states else "no hosts")
+    return checks, host_states

@@ -33,6 +33,7 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "request_too_large"
     UNAVAILABLE = "service_unavailable"
     MODEL_NOT_ALLOWED = "model_not_allowed"
+    MODEL_NOT_FOUND = "model_not_found"
     OUTPUT_CAP_EXCEEDED = "max_output_tokens_exceeded"
     RESERVATION_TOO_LARGE = "reservation_exceeds_limit"
     RPM = "requests_per_minute_exceeded"
@@ -57,6 +58,7 @@ _STATUS: Final = {
     Reason.TOO_LARGE: 413,
     Reason.UNAVAILABLE: 503,
     Reason.MODEL_NOT_ALLOWED: 403,
+    Reason.MODEL_NOT_FOUND: 404,
     Reason.OUTPUT_CAP_EXCEEDED: 400,
     Reason.RESERVATION_TOO_LARGE: 400,
     Reason.RPM: 429,

@@ -11,8 +11,10 @@ from typing import Final
 
 import attrs
 
+from policyd.authz.upstreams import Upstream, parse_upstreams
 from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
+from policyd.shared.sentinel import SentinelSettings, read_sentinels
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings"]
 
@@ -26,7 +28,10 @@ class Settings:
 
     database_url: str = attrs.field(repr=redacted_url)
     redis_url: str = attrs.field(repr=redacted_url)
-    ollama_url: str
+    #: NZ_REDIS_SENTINELS: the primary is whichever these name (the URL's host is unused).
+    sentinels: SentinelSettings | None = None
+    #: NZ_OLLAMA_URL: the Ollama hosts, in the order given (space-separated there).
+    upstreams: tuple[Upstream, ...]
     key_hmac_secret: bytes = attrs.field(repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: How long a verified key stays trusted in-process before Redis is asked again.
@@ -49,7 +54,14 @@ class Settings:
     #: Output cap written into a request that names none when neither its key nor its
     #: tenant sets `max_output_tokens`.
     default_output_tokens: int = 1024
+    #: How often each host's `/api/tags` is read (which models it serves).
+    upstream_refresh_s: float = 5.0
     log_level: str = "INFO"
+
+    @property
+    def ollama_url(self) -> str:
+        """The first host (the only one in a single-host setup)."""
+        return self.upstreams[0].url
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -57,7 +69,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     read = EnvReader(os.environ if env is None else env)
     database_url = read.url("NZ_DATABASE_URL", ("postgresql+asyncpg",))
     redis_url = read.url("NZ_REDIS_URL", ("redis", "rediss", "unix"))
-    ollama_url = read.url("NZ_OLLAMA_URL", ("http", "https"))
+    sentinels = read_sentinels(read)
+    upstreams, upstream_errors = parse_upstreams(read.text("NZ_OLLAMA_URL"))
+    read.errors.extend(upstream_errors)
     secret = read.required("NZ_KEY_HMAC_SECRET")
     if secret and len(secret) < _MIN_SECRET_LEN:
         read.errors.append(f"NZ_KEY_HMAC_SECRET must be at least {_MIN_SECRET_LEN} characters")
@@ -65,6 +79,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     cache_ttl_ms = read.number("NZ_KEY_CACHE_TTL_MS", 500, integer=True)
     timeout_ms = read.number("NZ_STORE_TIMEOUT_MS", 2000, integer=True)
     lease_ttl = read.number("NZ_LEASE_TTL_S", 600)
+    refresh_s = read.number("NZ_UPSTREAM_REFRESH_S", 5)
     log_level = read.log_level("NZ_LOG_LEVEL")
     image_tokens = read.number("NZ_IMAGE_TOKENS", 1024, integer=True, above=-1)
     default_output = read.number("NZ_DEFAULT_OUTPUT_TOKENS", 1024, integer=True)
@@ -77,12 +92,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         redis_url=redis_url,
-        ollama_url=ollama_url.rstrip("/"),
+        sentinels=sentinels,
+        upstreams=upstreams,
         key_hmac_secret=secret.encode(),
         max_body_bytes=int(max_body),
         key_cache_ttl_s=cache_ttl_ms / 1000,
         store_timeout_s=timeout_ms / 1000,
         lease_ttl_s=lease_ttl,
+        upstream_refresh_s=refresh_s,
         log_level=log_level,
         image_tokens=int(image_tokens),
         default_output_tokens=int(default_output),

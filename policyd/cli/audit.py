@@ -142,6 +142,7 @@ def _audit_dict(row: Any) -> dict[str, Any]:
         "user_agent": row["user_agent"],
         "refusal": row["refusal"],
         "node": row["node"],
+        "upstream": row["upstream"],
     }
 
 

@@ -25,6 +25,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from policyd.admin import accounts as admin
+from policyd.shared.envreader import EnvReader
+from policyd.shared.sentinel import SentinelSettings, read_sentinels, redis_client
 
 __all__ = ["fail", "iso", "json_option", "need_redis", "parse_when", "print_json", "run"]
 
@@ -71,6 +73,14 @@ def _store_errors(url: str) -> Iterator[None]:
         fail(f"cannot reach Redis ({type(exc).__name__})")
 
 
+def _sentinels() -> SentinelSettings | None:
+    read = EnvReader(os.environ)
+    found = read_sentinels(read)
+    if read.errors:
+        fail("; ".join(read.errors))
+    return found
+
+
 def run(action: Action[_T], *, redis: bool) -> _T:
     """Run `action` with an engine (and a Redis client if `redis`), then close them."""
     url = _env("NZ_DATABASE_URL")
@@ -82,7 +92,7 @@ def run(action: Action[_T], *, redis: bool) -> _T:
         except ArgumentError:
             fail("NZ_DATABASE_URL is not a valid database URL")
         client = (
-            aioredis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+            redis_client(redis_url, _sentinels(), socket_timeout=5, socket_connect_timeout=5)
             if redis_url
             else None
         )

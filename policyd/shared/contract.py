@@ -23,10 +23,12 @@ __all__ = [
     "H_RATE_TOKENS",
     "H_REFUSAL",
     "H_REQUEST_ID",
+    "H_ROUTE",
     "H_UPSTREAM_BODY",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
     "LOG_GRANT",
+    "LOG_UPSTREAM",
     "RATE_LIMIT_HEADERS",
     "Grant",
     "Surface",
@@ -67,7 +69,22 @@ H_UPSTREAM_BODY: Final = "X-Nz-Upstream-Body"
 #: Caddy answers the client with it and never asks Ollama.
 H_LISTING: Final = "X-Nz-Listing"
 
-COPIED_HEADERS: Final = (H_GRANT, H_RATE_REQUESTS, H_RATE_TOKENS, H_UPSTREAM_BODY, H_LISTING)
+#: With several Ollama hosts: which host should serve the request, as the `Cookie` value
+#: Caddy's `lb_policy cookie` reads (`copy_headers X-Nz-Route>Cookie`, which also drops
+#: any cookie the client sent). See policyd/authz/upstreams.py.
+H_ROUTE: Final = "X-Nz-Route"
+
+COPIED_HEADERS: Final = (
+    H_GRANT,
+    H_RATE_REQUESTS,
+    H_RATE_TOKENS,
+    H_UPSTREAM_BODY,
+    H_LISTING,
+    H_ROUTE,
+)
+
+#: The top-level access-log field naming the Ollama host that served the request.
+LOG_UPSTREAM: Final = "upstream"
 
 #: OpenAI-style rate-limit headers Caddy sets on the client's response (streams
 #: included) from `H_RATE_REQUESTS` and `H_RATE_TOKENS`.

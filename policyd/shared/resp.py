@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
+    "ROLE_COMMAND",
     "IncompleteReply",
+    "Locate",
     "RedisAddress",
     "RespClient",
+    "check_role",
     "encode_command",
     "parse_reply",
     "redis_address",
@@ -105,6 +108,17 @@ def redis_address(url: str) -> RedisAddress | None:
     )
 
 
+#: ROLE, sent on every new connection to a primary found through Sentinel.
+ROLE_COMMAND: Final = encode_command(b"ROLE")
+
+
+def check_role(reply: object) -> None:
+    """ROLE's reply must say `master`: a replica (or a demoted primary) is an outage."""
+    role = reply[0] if isinstance(reply, list) and reply else None
+    if role != b"master":
+        raise RedisConnectionError(f"connected to a Redis {role!r}, not the primary")
+
+
 def supports(url: str) -> bool:
     """Whether this client can talk to `url` (otherwise use redis-py)."""
     return redis_address(url) is not None
@@ -123,6 +137,8 @@ class _ErrorReply:
     def exception(self) -> ResponseError:
         if self.message.startswith("NOSCRIPT"):
             return NoScriptError(self.message)
+        if self.message.startswith("READONLY"):
+            return ReadOnlyError(self.message)
         return ResponseError(self.message)
 
 
@@ -197,6 +213,7 @@ class _Protocol(asyncio.Protocol):
         buf = self._buf
         buf += data
         pos = 0
+        demoted = False
         try:
             while pos < len(buf):
                 value, pos_after = parse_reply(buf, pos)
@@ -208,6 +225,8 @@ class _Protocol(asyncio.Protocol):
                     continue
                 if isinstance(value, _ErrorReply):
                     future.set_exception(value.exception())
+                    # The primary was demoted under us (a failover): never write here again.
+                    demoted = demoted or value.message.startswith("READONLY")
                 else:
                     future.set_result(value)
         except IncompleteReply:
@@ -216,6 +235,8 @@ class _Protocol(asyncio.Protocol):
             self.abort(RedisConnectionError(f"bad reply from redis: {exc}"))
             return
         del buf[:pos]
+        if demoted:
+            self.abort(RedisConnectionError("redis is no longer the primary"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"redis connection lost: {exc or 'closed'}"))
@@ -234,14 +255,23 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(exc)
 
 
-class RespClient:
-    """GET and EVALSHA over one pipelined connection, reconnecting after any failure."""
+#: Where to connect now, given the URL's address (Sentinel: the current primary).
+Locate = Callable[[RedisAddress], Awaitable[RedisAddress]]
 
-    def __init__(self, *, url: str, timeout_s: float) -> None:
+
+class RespClient:
+    """GET and EVALSHA over one pipelined connection, reconnecting after any failure.
+
+    With `locate` (Redis behind Sentinel) each new connection goes where `locate` says
+    and is used only if ROLE says it reached the primary.
+    """
+
+    def __init__(self, *, url: str, timeout_s: float, locate: Locate | None = None) -> None:
         address = redis_address(url)
         if address is None:
             raise ValueError("unsupported Redis URL for the lean client; use redis-py")
         self._address = address
+        self._locate = locate
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
@@ -300,7 +330,7 @@ class RespClient:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        address = self._address
+        address = self._address if self._locate is None else await self._locate(self._address)
         if address.path is not None:
             _, protocol = await loop.create_unix_connection(_Protocol, address.path)
         else:
@@ -308,6 +338,8 @@ class RespClient:
         try:
             for command in address.handshake():
                 await protocol.send(command)
+            if self._locate is not None:
+                check_role(await protocol.send(ROLE_COMMAND))
         except BaseException:
             protocol.abort(RedisConnectionError("redis handshake failed"))
             raise

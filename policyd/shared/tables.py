@@ -202,6 +202,8 @@ audit_log: Final = Table(
     Column("refusal", Text),
     #: The meterd node (and so the Caddy) that logged the request.
     Column("node", Text, nullable=False),
+    #: The Ollama host (host:port) that served it; NULL when none did (refusals).
+    Column("upstream", Text),
     Column("settled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("request_id", name="pk_audit_log"),
 )

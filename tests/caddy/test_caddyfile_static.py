@@ -28,6 +28,7 @@ CADDYFILES = [DEV_CADDYFILE, PROD_CADDYFILE]
 MUTATIONS = ["pull", "push", "create", "copy", "delete", "blobs"]
 STRIPPED_UPSTREAM = {
     "Authorization",
+    "Cookie",
     contract.H_BODY,
     contract.H_UPSTREAM_BODY,
     contract.H_LISTING,
@@ -147,7 +148,9 @@ def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: Json
         if handler["handler"] == "headers"
         for name in handler["request"].get("set", {})
     ]
-    assert sorted(copied) == sorted(contract.COPIED_HEADERS)
+    # The route lands where Caddy's lb_policy cookie reads it (and the client's Cookie goes).
+    renamed = {contract.H_ROUTE: "Cookie"}
+    assert sorted(copied) == sorted(renamed.get(name, name) for name in contract.COPIED_HEADERS)
 
 
 def test_ollama_proxy_streams_and_strips_headers(config: JsonObject) -> None:
@@ -171,7 +174,10 @@ def test_log_append_fields_match_contract(config: JsonObject) -> None:
         for i, (h, m) in enumerate(walked)
         if h["handler"] == "log_append"
     }
-    expected = {contract.LOG_GRANT: f"{{http.request.header.{contract.H_GRANT}}}"}
+    expected = {
+        contract.LOG_GRANT: f"{{http.request.header.{contract.H_GRANT}}}",
+        contract.LOG_UPSTREAM: "{http.reverse_proxy.upstream.hostport}",
+    }
     bodies = {"resp_body", "req_body", "user_agent", "ttfb_ms"}
     assert {key: value for key, (value, _, _) in appended.items() if key not in bodies} == expected
     assert all(index > auth for _, _, index in appended.values())

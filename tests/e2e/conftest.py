@@ -21,6 +21,11 @@ from policyd.admin import accounts as admin
 __all__: list[str] = []
 
 
+def _is_probe(request: dict[str, Any]) -> bool:
+    """Caddy's active health check, or policyd's model listing refresh (several hosts)."""
+    return "x-nz-health-check" in request["headers"]
+
+
 class StandinLog:
     """What reached the Ollama stand-in, read through its introspection endpoints."""
 
@@ -31,10 +36,11 @@ class StandinLog:
         httpx.delete(f"{self._url}/__standin/requests", timeout=5).raise_for_status()
 
     def requests(self) -> list[dict[str, Any]]:
+        """What clients sent through the gateway (not Caddy's or policyd's own probes)."""
         reply = httpx.get(f"{self._url}/__standin/requests", timeout=5)
         reply.raise_for_status()
         found: list[dict[str, Any]] = reply.json()
-        return found
+        return [r for r in found if not _is_probe(r)]
 
     def raw_paths(self) -> list[str]:
         return [r["raw_path"] for r in self.requests()]

@@ -53,6 +53,39 @@ def test_every_problem_is_reported_at_once_without_the_secret() -> None:
     assert "short-secret-value" not in message
 
 
+def test_several_ollama_hosts_separated_by_spaces() -> None:
+    """NZ_OLLAMA_URL lists hosts as Caddy reads them: space-separated, each with its dial."""
+    urls = " http://10.0.0.1:11434/  http://gpu-b:11434\thttp://[::1]:9 http://gpu-c "
+    settings = load_settings({**_VALID, "NZ_OLLAMA_URL": urls})
+    assert [(u.url, u.dial) for u in settings.upstreams] == [
+        ("http://10.0.0.1:11434", "10.0.0.1:11434"),
+        ("http://gpu-b:11434", "gpu-b:11434"),
+        ("http://[::1]:9", "[::1]:9"),
+        ("http://gpu-c", "gpu-c:80"),
+    ]
+    assert settings.ollama_url == "http://10.0.0.1:11434"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://a:1,http://b:2", "separate several hosts with spaces, not commas"),
+        ("http://a:1 https://b:2", "all hosts must use the same scheme"),
+        ("http://a:1 http://a:1/", "a host is listed twice"),
+        ("http://a:1 http://b:2/v1", "host 2 must be a bare base URL"),
+        ("http://user:secret@a:1", "host 1 must be a bare base URL"),
+        ("http://a:99999", "host 1 has an invalid port"),
+        ("   ", "NZ_OLLAMA_URL is required"),
+    ],
+)
+def test_bad_host_lists_are_refused_without_echoing_them(value: str, problem: str) -> None:
+    """Every malformed list is refused with its reason; a URL's credentials never echo."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**_VALID, "NZ_OLLAMA_URL": value})
+    assert problem in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
 @pytest.mark.parametrize("raw", ["nan", "inf", "0", "1.5"])
 def test_numbers_must_be_finite_and_above_the_bound(raw: str) -> None:
     """NaN, infinity and values at the bound are refused; fractions only where allowed."""
