@@ -197,8 +197,11 @@ def test_secrets_never_reach_upstream_and_are_redacted_in_the_log(
         record = upstream_record(standin_log, request_id)
         assert "authorization" not in record["headers"], surface
         assert "x-nz-body" not in record["headers"], surface
-        # The body itself reaches Ollama unchanged: only the base64 copy is dropped.
-        assert record["body_size"] == len(surface.body(stream=False)), surface
+        # Ollama gets policyd's canonical copy of the body (same content, compact JSON),
+        # and no header carrying it.
+        assert json.loads(record["body"]) == json.loads(surface.body(stream=False)), surface
+        assert record["body_size"] == len(record["body"].encode()), surface
+        assert "x-nz-upstream-body" not in record["headers"], surface
         line = log_line(stack, request_id)
         text = json.dumps(line)
         assert api_key not in text, surface

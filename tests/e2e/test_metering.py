@@ -70,7 +70,7 @@ def test_every_request_yields_exactly_one_audit_row(
         record(client.get("/api/tags", headers=auth), api_key[:11])
         record(client.get("/v1/models", headers=auth), api_key[:11])
         # Refusals: no key, bad body, unknown endpoint, cloud model.
-        record(client.post("/api/chat", json={"model": "llama3.2"}), None)
+        record(client.post("/api/chat", json=body), None)
         record(client.post("/api/chat", content=b"{not json", headers=auth), None)
         record(client.post("/v1/responses", json={}, headers=auth), None)
         record(client.post("/api/chat", json={"model": "x:cloud"}, headers=auth), None)
