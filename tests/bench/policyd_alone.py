@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tests.bench.http1 import build_request, read_head
 from tests.bench.load import closed_loop
@@ -24,9 +24,13 @@ from tests.bench.workload import Workload
 
 __all__ = ["argon2_runs", "policyd_alone"]
 
+# policyd answers with the body Ollama gets in a header (X-Nz-Upstream-Body): a 64 KiB
+# conversation makes a reply head far larger than asyncio's default 64 KiB line limit.
+_READ_LIMIT: Final = 16 * 1024 * 1024
+
 
 async def _statsz(socket_path: Path) -> dict[str, Any] | None:
-    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=_READ_LIMIT)
     try:
         writer.write(build_request("GET", "/statsz", host="policyd", headers={}))
         status, body = await _read_body(reader)
@@ -63,7 +67,7 @@ def _hits(rig: BenchRig, plan: Plan, request: Callable[[int], bytes]) -> list[di
     socket_path = str(rig.stack.policyd_socket)
 
     def connect() -> Any:
-        return asyncio.open_unix_connection(socket_path)
+        return asyncio.open_unix_connection(socket_path, limit=_READ_LIMIT)
 
     handles = rig.handles()
     rounds: list[dict[str, Any]] = []
@@ -131,7 +135,7 @@ def policyd_alone(rig: BenchRig, plan: Plan, work: Workload) -> dict[str, Any]:
     socket_path = str(rig.stack.policyd_socket)
 
     def connect() -> Any:
-        return asyncio.open_unix_connection(socket_path)
+        return asyncio.open_unix_connection(socket_path, limit=_READ_LIMIT)
 
     def hit(_: int) -> bytes:
         return work.authz_request()
