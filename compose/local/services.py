@@ -611,6 +611,8 @@ class CaddyServer:
         argv += ["--adapter", "caddyfile"]
         env = base_env(
             {
+                # The internal metrics listener's default port would collide between copies.
+                "NZ_METRICS_PORT": str(free_port()),
                 **self.settings,
                 "NZ_HTTP_PORT": str(self.port),
                 "NZ_BIND": "127.0.0.1",

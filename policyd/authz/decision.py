@@ -13,6 +13,7 @@ from typing import Final
 
 import attrs
 
+from policyd.authz import metrics
 from policyd.authz.listing import LISTING_PATHS, ListingUnavailable, filtered_listing
 from policyd.authz.refusals import Reason, Refusal, render
 from policyd.authz.screening import (
@@ -45,11 +46,14 @@ class Verdict:
     status: int
     headers: list[tuple[str, str]]
     body: bytes = b""
+    #: The refusal code (None: admitted) and the caller's surface, for the metrics.
+    code: str | None = None
+    surface: Surface | None = None
 
 
 def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
     status, body, headers = render(refusal, surface, request_id=request_id)
-    return Verdict(status, headers, body)
+    return Verdict(status, headers, body, code=refusal.reason.value, surface=surface)
 
 
 async def decide_authz(
@@ -80,6 +84,7 @@ async def decide_authz(
     try:
         result = await services.keys.authenticate(authorization)
     except StoreUnavailable as exc:
+        metrics.store_error(exc)
         _log.warning("failing closed for %s: %s", request_id, exc)
         return _refused(_UNAVAILABLE, screened.surface, request_id)
     if result.record is None:
@@ -115,6 +120,7 @@ async def decide_authz(
             record, request_id=request_id or uuid.uuid4().hex, reserve=reserved
         )
     except StoreUnavailable as exc:
+        metrics.store_error(exc)
         _log.warning("failing closed for %s: %s", request_id, exc)
         return _refused(_UNAVAILABLE, screened.surface, request_id)
     if admission.refusal is not None:
@@ -132,7 +138,7 @@ async def decide_authz(
     if listing is not None:
         upstream.append((H_LISTING, listing))
     upstream.extend(admission.headers)
-    return Verdict(200, upstream)
+    return Verdict(200, upstream, surface=screened.surface)
 
 
 _AUTH_MESSAGES: Final = {
