@@ -526,6 +526,8 @@ class PolicydServer:
     name: str = "policyd"
     #: The ASGI factory Granian serves (the benchmark swaps in a do-nothing responder).
     app: str = APP
+    #: Granian workers; more than one keeps the metrics in a fresh multiprocess directory.
+    workers: int = 1
 
     @property
     def log_path(self) -> Path:
@@ -541,6 +543,7 @@ class PolicydServer:
             socket_path=self.socket_path,
             max_body_bytes=self.max_body_bytes,
             app=self.app,
+            workers=self.workers,
         )
         env = base_env(
             {
@@ -549,6 +552,12 @@ class PolicydServer:
                 "NZ_MAX_BODY_BYTES": str(self.max_body_bytes),
             }
         )
+        if self.workers > 1:
+            # One directory per run, as start-policyd.sh does: stale files would add up.
+            metrics_dir = self.log_dir / f"{self.name}-metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         handle = spawn(self.name, argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
         wait_until(
             lambda: self.socket_path.exists() and self.healthy(),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compose.local.parts import Stack
+from compose.local.services import PolicydServer, Service
 from policyd.shared.keys import generate_key
 from tests.e2e.conftest import make_key
 from tests.e2e.wire import raw_request
@@ -212,3 +215,51 @@ def test_internal_listener_serves_only_metrics(stack: Stack) -> None:
     for path in ("/authz", "/api/chat", "/healthz", "/statsz", "/metrics/meterd", "/"):
         assert httpx.get(f"{base}{path}", timeout=5).status_code == 404, path
     assert b"nz_policyd_decisions" in httpx.get(f"{base}/metrics/policyd", timeout=5).content
+
+
+def _unix_get(socket_path: Path, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """One GET over policyd's socket on a new connection (so workers take turns)."""
+    lines = [f"GET {target} HTTP/1.1", "Host: policyd", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(socket_path))
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_several_workers_report_one_sum(stack: Stack, tmp_path: Path) -> None:
+    """Two Granian workers: /metrics from either sums both (multiprocess mode)."""
+    server = Service(
+        PolicydServer(
+            socket_path=tmp_path / "p.sock",
+            log_dir=tmp_path,
+            settings={k: v for k, v in stack.env.items() if k.startswith("NZ_")},
+            workers=2,
+        )
+    )
+    server.start()
+    try:
+        forwarded = {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/api/tags"}
+        for _ in range(20):
+            status, _ = _unix_get(server.launcher.socket_path, "/authz", forwarded)
+            assert status == 401
+        for _ in range(6):
+            status, body = _unix_get(server.launcher.socket_path, "/metrics", {})
+            assert status == 200
+            samples = {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(body.decode())
+                for s in family.samples
+            }
+            labels = {"outcome": "refused", "code": "missing_api_key", "surface": "ollama"}
+            assert value(samples, "nz_policyd_decisions_total", **labels) == 20
+            assert value(samples, "nz_policyd_decision_seconds_count") == 20
+        # One file per worker process: both loaded the metrics, and the sums above hold.
+        assert len(list((tmp_path / "policyd-metrics").glob("counter_*.db"))) == 2
+    finally:
+        server.stop()
