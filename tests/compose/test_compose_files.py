@@ -73,9 +73,14 @@ def test_ollama_is_unpublished_and_internal_only(prod: Compose) -> None:
 
 
 def test_only_caddy_publishes_ports_in_production(prod: Compose) -> None:
-    """Caddy alone publishes ports, exactly 80 and 443 (TCP, plus UDP for HTTP/3)."""
+    """Caddy alone publishes public ports, exactly 80 and 443 (TCP, plus UDP for HTTP/3).
+
+    The opt-in metrics profile's Grafana publishes on the host's loopback only.
+    """
     publishing = {name for name, svc in prod["services"].items() if svc.get("ports")}
-    assert publishing == {"caddy"}
+    assert publishing == {"caddy", "grafana"}
+    assert prod["services"]["grafana"]["profiles"] == ["metrics"]
+    assert all(port.startswith("127.0.0.1:") for port in prod["services"]["grafana"]["ports"])
     assert prod["services"]["caddy"]["ports"] == ["80:80", "443:443", "443:443/udp"]
     assert all("network_mode" not in svc for svc in prod["services"].values())
 
@@ -89,7 +94,7 @@ def test_only_caddy_publishes_ports_in_development_on_loopback(dev: Compose) -> 
 
 def test_services_present(prod: Compose, dev: Compose) -> None:
     """Production runs the gateway plus real Ollama; development swaps Ollama for the stand-in."""
-    assert set(prod["services"]) == GATEWAY_PARTS | {"ollama"}
+    assert set(prod["services"]) == GATEWAY_PARTS | {"ollama", "prometheus", "grafana"}
     assert set(dev["services"]) == GATEWAY_PARTS | {"standin"}
     standin = dev["services"]["standin"]["command"]
     assert standin[:3] == ["python", "-m", "compose.standin"]

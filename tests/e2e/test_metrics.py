@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from compose.local.parts import Stack
 from compose.local.services import PolicydServer, Service
 from policyd.shared.keys import generate_key
+from tests.compose.test_metrics_profile import dashboard_metric_names
 from tests.e2e.conftest import make_key
 from tests.e2e.wire import raw_request
 
@@ -263,3 +264,21 @@ def test_several_workers_report_one_sum(stack: Stack, tmp_path: Path) -> None:
         assert len(list((tmp_path / "policyd-metrics").glob("counter_*.db"))) == 2
     finally:
         server.stop()
+
+
+def test_dashboard_queries_name_metrics_the_stack_exports(stack: Stack, gateway: str) -> None:
+    """Every metric the Grafana dashboard queries exists in a live scrape of the three parts."""
+    key = make_key(stack, name="metrics-dashboard")
+    reply = httpx.post(
+        f"{gateway}/api/chat", json=CHAT, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+    assert reply.status_code == 200
+    exported: set[str] = set()
+    for url in stack.metrics_urls.values():
+        text = httpx.get(url, timeout=10).text
+        for family in text_string_to_metric_families(text):
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+            exported |= {family.name + s for s in suffixes.get(family.type, ("",))}
+            exported |= {sample.name for sample in family.samples}
+    used = dashboard_metric_names()
+    assert used <= exported, used - exported
