@@ -88,5 +88,6 @@ SMOKE = attrs.evolve(
     policyd_s=0.3,
     policyd_concurrency=2,
     miss_keys=2,
+    metrics_iterations=20_000,
     meterd_backlog_s=1.0,
 )
