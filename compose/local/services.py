@@ -553,7 +553,7 @@ class PolicydServer:
             }
         )
         if self.workers > 1:
-            # One directory per run, as start-policyd.sh does: stale files would add up.
+            # One directory per run, as start-policyd does: stale files would add up.
             metrics_dir = self.log_dir / f"{self.name}-metrics"
             shutil.rmtree(metrics_dir, ignore_errors=True)
             metrics_dir.mkdir(parents=True)

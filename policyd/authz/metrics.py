@@ -6,7 +6,7 @@ combination once and keeps the child, so a decision costs a dict lookup and two
 lock-protected additions (docs/performance.md has the measured cost).
 
 Served as `/metrics` on policyd's unix socket (Caddy's public site never routes there;
-its internal metrics listener does). With several Granian workers, start-policyd.sh
+its internal metrics listener does). With several Granian workers, start-policyd (serve.py)
 gives each run a fresh `PROMETHEUS_MULTIPROC_DIR`; prometheus_client then keeps the
 values in per-process files and `exposition()` sums them over the workers.
 """

@@ -63,13 +63,15 @@ def _serves_metrics(server: JsonObject) -> bool:
 
 def gateway_server(config: JsonObject) -> JsonObject:
     """The public site's server (the other one is the internal metrics listener)."""
-    (server,) = [s for s in config["apps"]["http"]["servers"].values() if not _serves_metrics(s)]
+    servers: list[JsonObject] = list(config["apps"]["http"]["servers"].values())
+    (server,) = [s for s in servers if not _serves_metrics(s)]
     return server
 
 
 def metrics_server(config: JsonObject) -> JsonObject:
     """The internal metrics listener's server."""
-    (server,) = [s for s in config["apps"]["http"]["servers"].values() if _serves_metrics(s)]
+    servers: list[JsonObject] = list(config["apps"]["http"]["servers"].values())
+    (server,) = [s for s in servers if _serves_metrics(s)]
     return server
 
 

@@ -234,3 +234,18 @@ def test_caddy_service_sets_every_variable_its_caddyfile_reads(
     read = set(re.findall(r"\{\$([A-Z_][A-Z0-9_]*)", text))
     assert read
     assert read <= set(_environment(_load(compose_file)["services"]["caddy"]))
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two", "1.5"])
+def test_start_policyd_rejects_bad_worker_count(tmp_path: Path, workers: str) -> None:
+    """start-policyd refuses an NZ_POLICYD_WORKERS that is not a whole number of at least 1."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("start-policyd"))],
+        env={"NZ_POLICYD_SOCKET": str(tmp_path / "p.sock"), "NZ_POLICYD_WORKERS": workers},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "NZ_POLICYD_WORKERS" in done.stderr
+    assert not (tmp_path / "p.sock").exists()
