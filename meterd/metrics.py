@@ -102,10 +102,12 @@ def configure(*, tenant_limit: int) -> None:
 
 def count_lines(*, lines: int, bad: int, records: int, inserted: int) -> None:
     """One settled batch: `records` measured lines, `inserted` of them new audit rows."""
-    LINES.labels("settled").inc(inserted)
-    LINES.labels("duplicate").inc(records - inserted)
-    LINES.labels("bad").inc(bad)
-    LINES.labels("skipped").inc(lines - bad - records)
+    # Counters refuse negative steps with ValueError: a miscount here must never stop
+    # settlement, so every step is clamped.
+    LINES.labels("settled").inc(max(inserted, 0))
+    LINES.labels("duplicate").inc(max(records - inserted, 0))
+    LINES.labels("bad").inc(max(bad, 0))
+    LINES.labels("skipped").inc(max(lines - bad - records, 0))
 
 
 def settled(records: Iterable[Record]) -> None:
@@ -115,15 +117,16 @@ def settled(records: Iterable[Record]) -> None:
         if usage.total == 0:
             continue
         source = usage.source.value
-        TOKENS.labels("prompt", source).inc(usage.prompt_tokens)
-        TOKENS.labels("completion", source).inc(usage.completion_tokens)
+        prompt, completion = max(usage.prompt_tokens, 0), max(usage.completion_tokens, 0)
+        TOKENS.labels("prompt", source).inc(prompt)
+        TOKENS.labels("completion", source).inc(completion)
         tenant = record.event.tenant_id
         if tenant is not None:
-            TENANT_TOKENS.labels(_tenants.label(str(tenant))).inc(usage.total)
+            TENANT_TOKENS.labels(_tenants.label(str(tenant))).inc(prompt + completion)
 
 
 def swept(count: int) -> None:
-    SWEPT.inc(count)
+    SWEPT.inc(max(count, 0))
 
 
 def watch(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from prometheus_client import REGISTRY
 
 from compose.local.processes import base_env
 from compose.local.services import REPO_ROOT
@@ -91,3 +92,16 @@ def test_a_taken_port_stops_meterd_with_a_clear_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert f"127.0.0.1:{port}" in done.stderr
     assert "NZ_METERD_METRICS_PORT" in done.stderr
+
+
+def test_a_miscount_never_raises() -> None:
+    """Counters refuse negative steps; meterd's counting clamps, so settlement carries on."""
+
+    def skipped() -> float | None:
+        return REGISTRY.get_sample_value("nz_meterd_lines_total", {"result": "skipped"})
+
+    metrics.count_lines(lines=0, bad=0, records=0, inserted=0)
+    before = skipped()
+    metrics.count_lines(lines=1, bad=2, records=3, inserted=5)
+    metrics.swept(-1)
+    assert skipped() == before
