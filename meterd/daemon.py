@@ -29,7 +29,7 @@ from typing import Final, TypeVar
 import asyncpg  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
-from meterd import health
+from meterd import health, metrics
 from meterd.db import create_pool, is_pg_outage
 from meterd.parse import BadLine, Event, parse_line
 from meterd.records import Batch, Record
@@ -53,6 +53,8 @@ _RELOAD_CALIBRATION_S: Final = 600.0
 _REDIS_TIMEOUT_S: Final = 5.0
 _CANCEL_AGAIN_S: Final = 0.1
 _CLOSE_S: Final = 5.0
+#: The exit code of a configuration meterd cannot run with (as in __main__).
+_EXIT_CONFIG: Final = 2
 #: Lines parsed between two looks at the settlement running meanwhile (`_read_ahead`).
 _PARSE_SLICE: Final = 50
 
@@ -123,6 +125,11 @@ class Daemon:
         self._bad_lines = 0
         self._settled = 0
         self._swept = 0
+        metrics.watch(
+            lag_seconds=lambda: self.beat().lag_seconds,
+            lag_bytes=lambda: self._lag_bytes,
+            retrying=lambda: self._state == "retrying",
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -311,6 +318,12 @@ class Daemon:
         self._lines += batch.lines
         self._bad_lines += batch.bad_lines
         self._settled += outcome.inserted
+        metrics.count_lines(
+            lines=batch.lines,
+            bad=batch.bad_lines,
+            records=len(batch.records),
+            inserted=outcome.inserted,
+        )
         if batch.records:
             self._last_started = max(r.event.started for r in batch.records).timestamp()
 
@@ -414,14 +427,30 @@ class Daemon:
             _log.warning("cannot sweep reservations (%s)", type(exc).__name__)
             return
         self._swept += swept
+        metrics.swept(swept)
         if swept:
             _log.warning("charged %d reservations whose log line never arrived", swept)
 
 
 async def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM; returns the process exit code."""
+    metrics.configure(tenant_limit=settings.metrics_tenants)
     # Closed in reverse order on the way out, each even when another close fails.
     async with contextlib.AsyncExitStack() as opened:
+        if settings.metrics_port:
+            try:
+                stop_listener = metrics.serve(
+                    bind=settings.metrics_bind, port=settings.metrics_port
+                )
+            except OSError as exc:
+                _log.error(
+                    "cannot serve metrics on %s:%d (%s); set NZ_METERD_METRICS_PORT (0: off)",
+                    settings.metrics_bind,
+                    settings.metrics_port,
+                    exc.strerror or type(exc).__name__,
+                )
+                return _EXIT_CONFIG
+            opened.callback(stop_listener)
         # Connects on first use: Postgres being down at start is retried like any outage.
         pool = await create_pool(settings.database_url)
         opened.push_async_callback(_close_pool, pool)

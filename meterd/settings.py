@@ -20,6 +20,9 @@ from policyd.shared.sentinel import SentinelSettings, read_sentinels
 __all__ = ["Settings", "SettingsError", "load_settings"]
 
 _MAX_NODE_LEN: Final = 200
+_MAX_PORT: Final = 65535
+#: Each named tenant is a Prometheus series; beyond this a TSDB suffers.
+_MAX_TENANT_SERIES: Final = 1000
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +60,11 @@ class Settings:
     #: How long after its lease expired a reservation is charged as reserved and flagged.
     sweep_grace_s: float = 120.0
     log_level: str = "INFO"
+    #: The Prometheus listener (metrics.py): an internal address only; port 0 turns it off.
+    metrics_bind: str = "127.0.0.1"
+    metrics_port: int = 9181
+    #: Tenants with their own series in nz_meterd_tenant_tokens_total; the rest are "other".
+    metrics_tenants: int = 50
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
@@ -92,7 +100,14 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         sweep_every_s=num("NZ_METERD_SWEEP_EVERY_S", 60.0),
         sweep_grace_s=num("NZ_METERD_SWEEP_GRACE_S", 120.0),
         log_level=read.log_level("NZ_METERD_LOG_LEVEL"),
+        metrics_bind=read.text("NZ_METERD_METRICS_BIND", "127.0.0.1"),
+        metrics_port=int(num("NZ_METERD_METRICS_PORT", 9181, integer=True, above=-1)),
+        metrics_tenants=int(num("NZ_METERD_METRICS_TENANTS", 50, integer=True, above=-1)),
     )
+    if settings.metrics_port > _MAX_PORT:
+        read.errors.append(f"NZ_METERD_METRICS_PORT must be at most {_MAX_PORT}")
+    if settings.metrics_tenants > _MAX_TENANT_SERIES:
+        read.errors.append(f"NZ_METERD_METRICS_TENANTS must be at most {_MAX_TENANT_SERIES}")
     if read.errors:
         raise SettingsError("; ".join(read.errors))
     return settings

@@ -36,7 +36,7 @@ from typing import Final
 import asyncpg  # type: ignore[import-untyped]
 import attrs
 
-from meterd import writes
+from meterd import metrics, writes
 from meterd.records import Batch, Record
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
@@ -222,6 +222,7 @@ class Store:
                     )
                 )
         await settle_in_redis(self._script, items)
+        metrics.settled(new)
         observations = tuple(r.observation for r in new if r.observation is not None)
         return Outcome(inserted=len(new), observations=observations)
 

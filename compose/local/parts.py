@@ -74,6 +74,10 @@ class StackConfig:
     redis_port: int = attrs.field(factory=free_port)
     standin_port: int = attrs.field(factory=free_port)
     gateway_port: int = attrs.field(factory=free_port)
+    #: Caddy's internal metrics listener (Caddy's and policyd's /metrics).
+    metrics_port: int = attrs.field(factory=free_port)
+    #: meterd's metrics listener.
+    meterd_metrics_port: int = attrs.field(factory=free_port)
     standin_tokens_per_s: float = 200.0
     standin_first_token_ms: int = 20
     #: How many stand-ins (Ollama hosts) to run behind the gateway.
@@ -172,6 +176,8 @@ class Stack:
                     "NZ_OLLAMA_URL": self.ollama_url,
                     "NZ_ACCESS_LOG": str(config.access_log),
                     "NZ_MAX_BODY_BYTES": str(config.max_body_bytes),
+                    "NZ_METRICS_PORT": str(config.metrics_port),
+                    "NZ_METRICS_BIND": "127.0.0.1",
                     **config.caddy_extra,
                 },
             )
@@ -188,6 +194,8 @@ class Stack:
                     "NZ_METERD_POLL_S": f"{config.meterd_poll_s:g}",
                     # Stopping waits 10 s before SIGKILL; drain within that.
                     "NZ_METERD_DRAIN_S": "5",
+                    "NZ_METERD_METRICS_PORT": str(config.meterd_metrics_port),
+                    "NZ_METERD_METRICS_BIND": "127.0.0.1",
                 },
             )
         )
@@ -213,6 +221,16 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         return self.caddy.launcher.url
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Where Prometheus scrapes each part (internal listeners, never the gateway port)."""
+        caddy = f"http://127.0.0.1:{self.config.metrics_port}"
+        return {
+            "caddy": f"{caddy}/metrics",
+            "policyd": f"{caddy}/metrics/policyd",
+            "meterd": f"http://127.0.0.1:{self.config.meterd_metrics_port}/metrics",
+        }
 
     @property
     def database_url(self) -> str:

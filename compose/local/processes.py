@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Ports the brief keeps for real services and `make up`; tests never take them.
-RESERVED_PORTS: Final = frozenset({5432, 6379, 8080, 11434, 11435, 55432, 56379})
+RESERVED_PORTS: Final = frozenset({5432, 6379, 8080, 9180, 9181, 11434, 11435, 55432, 56379})
 
 #: Variables a child may inherit; everything else (notably NZ_*) is passed explicitly.
 _INHERITED_ENV: Final = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")

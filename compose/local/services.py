@@ -584,6 +584,8 @@ class PolicydServer:
     name: str = "policyd"
     #: The ASGI factory Granian serves (the benchmark swaps in a do-nothing responder).
     app: str = APP
+    #: Granian workers; more than one keeps the metrics in a fresh multiprocess directory.
+    workers: int = 1
 
     @property
     def log_path(self) -> Path:
@@ -599,6 +601,7 @@ class PolicydServer:
             socket_path=self.socket_path,
             max_body_bytes=self.max_body_bytes,
             app=self.app,
+            workers=self.workers,
         )
         env = base_env(
             {
@@ -607,6 +610,12 @@ class PolicydServer:
                 "NZ_MAX_BODY_BYTES": str(self.max_body_bytes),
             }
         )
+        if self.workers > 1:
+            # One directory per run, as start-policyd does: stale files would add up.
+            metrics_dir = self.log_dir / f"{self.name}-metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         handle = spawn(self.name, argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
         wait_until(
             lambda: self.socket_path.exists() and self.healthy(),
@@ -669,6 +678,8 @@ class CaddyServer:
         argv += ["--adapter", "caddyfile"]
         env = base_env(
             {
+                # The internal metrics listener's default port would collide between copies.
+                "NZ_METRICS_PORT": str(free_port()),
                 **self.settings,
                 "NZ_HTTP_PORT": str(self.port),
                 "NZ_BIND": "127.0.0.1",

@@ -25,7 +25,7 @@ from compose.local.parts import PART_ORDER, Stack, StackConfig
 from compose.local.processes import ProcessHandle
 from compose.local.services import REPO_ROOT
 
-__all__ = ["main"]
+__all__ = ["main", "write_cli_env"]
 
 RUN_DIR: Final = REPO_ROOT / ".run"
 PID_DIR: Final = RUN_DIR / "pids"
@@ -40,6 +40,9 @@ STANDIN_PORT: Final = 11435
 #: `NZ_STANDINS=2 make up`: the second stand-in on 11436, the third on 11437, ...
 MAX_STANDINS: Final = 8
 GATEWAY_PORT: Final = 8080
+#: Caddy's internal metrics listener (Caddy's /metrics, policyd's /metrics/policyd).
+METRICS_PORT: Final = 9180
+METERD_METRICS_PORT: Final = 9181
 #: Slow enough to watch the tokens arrive in a terminal.
 STANDIN_TOKENS_PER_S: Final = 25.0
 STANDIN_FIRST_TOKEN_MS: Final = 300
@@ -110,6 +113,8 @@ def build_stack(*, ollama_url: str | None, standins: int = 1) -> Stack:
             redis_port=REDIS_PORT,
             standin_port=STANDIN_PORT,
             gateway_port=GATEWAY_PORT,
+            metrics_port=METRICS_PORT,
+            meterd_metrics_port=METERD_METRICS_PORT,
             standin_tokens_per_s=STANDIN_TOKENS_PER_S,
             standin_first_token_ms=STANDIN_FIRST_TOKEN_MS,
             standins=standins,
@@ -153,12 +158,15 @@ def _check_ports_free(stack: Stack, running: Mapping[str, ProcessHandle]) -> Non
         "redis": REDIS_PORT,
         "caddy": GATEWAY_PORT,
         **{service.launcher.name: service.launcher.port for service in stack.standins},
+        "meterd": METERD_METRICS_PORT,
     }
     busy = [
         f"{name} needs 127.0.0.1:{port}"
         for name, _ in stack.parts()
         if name not in running and (port := ports.get(name)) is not None and _port_taken(port)
     ]
+    if "caddy" not in running and _port_taken(METRICS_PORT):
+        busy.append(f"caddy's metrics listener needs 127.0.0.1:{METRICS_PORT}")
     if busy:
         raise UpError("ports in use by something else: " + "; ".join(busy))
 
@@ -207,7 +215,7 @@ def up() -> int:
     UPSTREAM_FILE.write_text((ollama_url or "") + "\n")
     if "postgres" not in started:
         stack.migrate()  # a fresh Postgres was migrated by start(); a running one may lag
-    _write_private(CLI_ENV_FILE, _env_lines(_cli_env(stack)))
+    write_cli_env(stack, CLI_ENV_FILE)
     if not started:
         print("neuronetz-gateway is already up.")
     key = _demo_key(stack)
@@ -215,9 +223,13 @@ def up() -> int:
     return 0
 
 
-def _cli_env(stack: Stack) -> dict[str, str]:
-    # Only the NZ_* settings: the file is meant to be sourced into an operator's shell.
-    return {name: value for name, value in stack.env.items() if name.startswith("NZ_")}
+def write_cli_env(stack: Stack, path: Path) -> None:
+    """The CLI's settings for this stack, owner-only: the CLI reads them inside the checkout.
+
+    Only the NZ_* settings, shell-quoted, so the file can also be sourced into a shell.
+    """
+    settings = {name: value for name, value in stack.env.items() if name.startswith("NZ_")}
+    _write_private(path, _env_lines(settings))
 
 
 def _demo_key(stack: Stack) -> str:
@@ -271,7 +283,8 @@ def _print_usage(stack: Stack, key: str) -> None:
 Gateway   {stack.gateway_url}   (upstream: {upstream})
 Demo key  {key}
 Logs      {stack.config.log_dir}   (access log: {stack.access_log})
-CLI       set -a; . {CLI_ENV_FILE.relative_to(REPO_ROOT)}; set +a; uv run neuronetz-gateway --help
+CLI       uv run neuronetz-gateway --help   (uses {CLI_ENV_FILE.relative_to(REPO_ROOT)} here)
+Metrics   {_metrics_lines(stack.metrics_urls)}
 
 Try it:
   curl -N {stack.gateway_url}/api/chat \\
@@ -280,6 +293,19 @@ Try it:
 
 Stop with: make down"""
     )
+
+
+def _metrics_lines(urls: Mapping[str, str]) -> str:
+    return "\n          ".join(f"{name:<8} {url}" for name, url in urls.items())
+
+
+def _local_metrics_urls() -> dict[str, str]:
+    """The metrics URLs of the stack `make up` runs (fixed local ports, internal listeners)."""
+    return {
+        "caddy": f"http://127.0.0.1:{METRICS_PORT}/metrics",
+        "policyd": f"http://127.0.0.1:{METRICS_PORT}/metrics/policyd",
+        "meterd": f"http://127.0.0.1:{METERD_METRICS_PORT}/metrics",
+    }
 
 
 def down() -> int:
@@ -312,6 +338,12 @@ def status() -> int:
         print(f"readyz   {reply.status_code} {reply.text.strip()}")
     except httpx.HTTPError as exc:
         print(f"readyz   no answer ({type(exc).__name__})")
+    for name, url in _local_metrics_urls().items():
+        try:
+            answer = str(httpx.get(url, timeout=5.0).status_code)
+        except httpx.HTTPError as exc:
+            answer = f"no answer ({type(exc).__name__})"
+        print(f"metrics  {name:<8} {url}  {answer}")
     return 0
 
 

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
     command = granian_argv(host=args.host, port=args.port)
     sys.stdout.flush()
-    os.execve(command[0], command, env)  # noqa: S606 - become Granian, keeping our PID
+    os.execve(command[0], command, env)  # noqa: S606 - become Granian, keeping our PID # nosec B606
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ _LOCAL_SUFFIXES: Final = (".localhost", ".local", ".internal")
 _LOCAL_ORIGINS: Final = tuple(
     f"{scheme}://{host}"
     for scheme in ("http", "https")
-    for host in ("localhost", "127.0.0.1", "0.0.0.0")  # noqa: S104 - an origin, not a bind
+    for host in ("localhost", "127.0.0.1", "0.0.0.0")  # noqa: S104 - an origin, not a bind # nosec B104
 )
 _EXACT_ORIGINS: Final = frozenset(_LOCAL_ORIGINS)
 _ORIGIN_PREFIXES: Final = (

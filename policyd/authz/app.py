@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from policyd.authz.endpoints import healthz, readyz, statsz
+from policyd.authz.endpoints import healthz, metrics_text, readyz, statsz
 from policyd.authz.fastpath import PolicyApp
 from policyd.authz.keystore import KeyStore
 from policyd.authz.lastused import LastUsedTracker
@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None) -> PolicyApp:
     )
     return PolicyApp(
         Litestar(
-            route_handlers=[healthz, readyz, statsz],
+            route_handlers=[healthz, readyz, statsz, metrics_text],
             lifespan=[_lifespan(resolved)],
             openapi_config=None,
             debug=False,

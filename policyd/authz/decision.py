@@ -13,6 +13,7 @@ from typing import Final
 
 import attrs
 
+from policyd.authz import metrics
 from policyd.authz.listing import (
     LISTING_PATHS,
     ListingUnavailable,
@@ -52,11 +53,14 @@ class Verdict:
     status: int
     headers: list[tuple[str, str]]
     body: bytes = b""
+    #: The refusal code (None: admitted) and the caller's surface, for the metrics.
+    code: str | None = None
+    surface: Surface | None = None
 
 
 def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
     status, body, headers = render(refusal, surface, request_id=request_id)
-    return Verdict(status, headers, body)
+    return Verdict(status, headers, body, code=refusal.reason.value, surface=surface)
 
 
 async def decide_authz(
@@ -87,6 +91,7 @@ async def decide_authz(
     try:
         result = await services.keys.authenticate(authorization)
     except StoreUnavailable as exc:
+        metrics.store_error(exc)
         _log.warning("failing closed for %s: %s", request_id, exc)
         return _refused(_UNAVAILABLE, screened.surface, request_id)
     if result.record is None:
@@ -134,6 +139,7 @@ async def decide_authz(
             record, request_id=request_id or uuid.uuid4().hex, reserve=reserved
         )
     except StoreUnavailable as exc:
+        metrics.store_error(exc)
         _log.warning("failing closed for %s: %s", request_id, exc)
         return _refused(_UNAVAILABLE, screened.surface, request_id)
     if admission.refusal is not None:
@@ -153,7 +159,7 @@ async def decide_authz(
     upstream.extend(admission.headers)
     if route is not None:
         upstream.append((H_ROUTE, route))
-    return Verdict(200, upstream)
+    return Verdict(200, upstream, surface=screened.surface)
 
 
 def _requested_model(screened: Screened) -> str | None:

@@ -1,4 +1,4 @@
-"""policyd's Litestar handlers: `/healthz`, `/readyz`, `/statsz`.
+"""policyd's Litestar handlers: `/healthz`, `/readyz`, `/statsz`, `/metrics`.
 
 `/authz`, the hot path, is answered by `fastpath` with `decision.decide_authz`.
 """
@@ -10,10 +10,11 @@ from typing import Any, Final
 import msgspec
 from litestar import Request, Response, get
 
+from policyd.authz import metrics
 from policyd.authz.health import probe_all
 from policyd.authz.services import Services
 
-__all__ = ["healthz", "readyz", "statsz"]
+__all__ = ["healthz", "metrics_text", "readyz", "statsz"]
 
 _JSON: Final = "application/json"
 
@@ -60,3 +61,9 @@ async def statsz(request: Request[Any, Any, Any]) -> Response[bytes]:
     services = _services(request)
     body = {"argon2_runs": services.keys.argon2_runs}
     return Response(content=msgspec.json.encode(body), media_type=_JSON)
+
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def metrics_text() -> Response[bytes]:
+    """Prometheus text format; only on the socket (Caddy's public site never routes here)."""
+    return Response(content=metrics.exposition(), media_type=metrics.CONTENT_TYPE)

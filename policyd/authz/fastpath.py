@@ -10,11 +10,13 @@ which also runs the lifespan that opens the stores (`app.state.services`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 from litestar import Litestar
 
+from policyd.authz import metrics
 from policyd.authz.decision import decide_authz
 from policyd.authz.services import Services
 from policyd.shared.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID
@@ -80,6 +82,7 @@ class PolicyApp:
         authorization, method, target, body, request_id = (
             None if raw is None else raw.decode("latin-1") for raw in found
         )
+        started = time.perf_counter()
         try:
             verdict = await decide_authz(
                 self._services_now(),
@@ -89,11 +92,13 @@ class PolicyApp:
                 authorization=authorization,
                 request_id=request_id or "",
             )
-        except Exception:
+        except Exception as exc:
             # A bug, not a store outage (those are 503 refusals): refuse, never allow.
+            metrics.failed(exc, time.perf_counter() - started)
             _log.exception("deciding %s failed", request_id or "a request")
             await _respond(send, 500, [("content-type", "application/json")], _FAILED)
             return
+        metrics.decided(verdict.code, verdict.surface, time.perf_counter() - started)
         await _respond(send, verdict.status, verdict.headers, verdict.body)
 
 

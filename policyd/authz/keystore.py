@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from policyd.authz import metrics
 from policyd.authz.records import KeyRecord, Limits, decode_record, encode_record, limits_from_row
 from policyd.authz.refusals import Reason
 from policyd.authz.settings import Settings
@@ -133,6 +134,7 @@ class KeyStore:
         now = time.monotonic()
         hit = self._local.get(prefix)
         if hit is not None and now - hit[0] < self._settings.key_cache_ttl_s:
+            metrics.key_cache("process", hit=True)
             return hit[1]
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
@@ -142,6 +144,7 @@ class KeyStore:
                     raw = cast(bytes | None, await self._redis.get(key_record(prefix)))
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc
+        metrics.key_cache("redis", hit=raw is not None)
         if raw is None:
             self._local.pop(prefix, None)
             return None
@@ -167,6 +170,7 @@ class KeyStore:
             return None
         async with self._argon2:
             self.argon2_runs += 1
+            metrics.argon2_run()
             valid = await asyncio.to_thread(verify_key_hash, row.secret_hash, full)
         if not valid:
             return None

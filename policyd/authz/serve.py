@@ -1,8 +1,9 @@
 """`start-policyd`: policyd under Granian on its unix socket, the one place its command line is.
 
 The production image, `make up`, the tests and the bench all start policyd from
-`granian_argv`; `main` reads NZ_POLICYD_SOCKET and NZ_MAX_BODY_BYTES, removes a stale
-socket and replaces itself with Granian (policyd reads its other NZ_* settings itself).
+`granian_argv`; `main` reads NZ_POLICYD_SOCKET, NZ_MAX_BODY_BYTES and NZ_POLICYD_WORKERS,
+removes a stale socket and replaces itself with Granian (policyd reads its other NZ_*
+settings itself). Several workers get a fresh PROMETHEUS_MULTIPROC_DIR (metrics.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -49,18 +51,25 @@ def granian_argv(
 
 
 def main(env: Mapping[str, str] | None = None) -> None:
-    """Check the two settings this needs, then exec Granian."""
+    """Check the settings this needs, then exec Granian."""
     read = EnvReader(os.environ if env is None else env)
     socket_path = read.required("NZ_POLICYD_SOCKET")
     max_body = read.number("NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
+    workers = int(read.number("NZ_POLICYD_WORKERS", 1, integer=True))
     if read.errors:
         print(f"start-policyd: {'; '.join(read.errors)}", file=sys.stderr)
         raise SystemExit(_EXIT_CONFIG)
     granian = shutil.which("granian") or str(Path(sys.executable).with_name("granian"))
     # A stale socket from a previous container or a killed run would make Granian fail to bind.
     Path(socket_path).unlink(missing_ok=True)
-    argv = granian_argv(granian, socket_path=Path(socket_path), max_body_bytes=int(max_body))
-    os.execv(granian, argv)  # noqa: S606 - a fixed program with our own arguments
+    if workers > 1:
+        # Several worker processes: prometheus_client keeps each one's metrics in files of
+        # a fresh directory per run, and /metrics sums them (a reused one would add old runs).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="nz-policyd-metrics-")
+    argv = granian_argv(
+        granian, socket_path=Path(socket_path), max_body_bytes=int(max_body), workers=workers
+    )
+    os.execv(granian, argv)  # noqa: S606 - a fixed program with our own arguments # nosec B606
 
 
 if __name__ == "__main__":

@@ -1,19 +1,28 @@
-"""What every CLI command shares: store access, error lines, JSON output.
+"""What every CLI command shares: settings, store access, error lines, JSON output.
 
 Errors are one line on stderr and a non-zero exit code; no traceback, no connection
 string with its password, never a key.
+
+Settings come from the NZ_* environment. When no NZ_* variable is set and the working
+directory is inside a checkout whose local stack is up (`make up` wrote `.run/cli.env`),
+that file is used instead, and one line on stderr says so: the operator's first command
+after `make up` just works, and an explicit environment always wins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import os
 import re
+import shlex
+import stat
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 import attrs
@@ -28,10 +37,25 @@ from policyd.admin import accounts as admin
 from policyd.shared.envreader import EnvReader
 from policyd.shared.sentinel import SentinelSettings, read_sentinels, redis_client
 
-__all__ = ["fail", "iso", "json_option", "need_redis", "parse_when", "print_json", "run"]
+__all__ = [
+    "LOCAL_ENV",
+    "fail",
+    "has_setting",
+    "iso",
+    "json_option",
+    "local_env_file",
+    "need_redis",
+    "parse_when",
+    "print_json",
+    "read_env_file",
+    "run",
+    "settings_env",
+]
 
 _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
+#: Where `make up` writes the local stack's settings, relative to the checkout.
+LOCAL_ENV: Final = Path(".run") / "cli.env"
 
 Action = Callable[[AsyncEngine, aioredis.Redis | None], Awaitable[_T]]
 
@@ -44,10 +68,63 @@ def fail(message: str) -> NoReturn:
     sys.exit(_EXIT_ERROR)
 
 
+def local_env_file(start: Path) -> Path | None:
+    """`.run/cli.env` of the checkout around `start` (the nearest pyproject.toml), if any."""
+    for directory in (start, *start.parents):
+        if (directory / "pyproject.toml").is_file():
+            candidate = directory / LOCAL_ENV
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The NZ_* assignments of a file `make up` wrote (`NAME=<shell-quoted value>` lines)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        name, sep, raw = line.partition("=")
+        if sep and name.startswith("NZ_") and name.isidentifier():
+            values[name] = "".join(shlex.split(raw))
+    return values
+
+
+def _trusted(path: Path) -> bool:
+    # It names the database the CLI writes to: only a file of ours that nobody else can
+    # change (make up writes it 0600) may redirect us.
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+@functools.cache
+def settings_env() -> Mapping[str, str]:
+    """The settings the CLI runs with: the NZ_* environment, else the local stack's file."""
+    if any(name.startswith("NZ_") for name in os.environ):
+        return os.environ
+    found = local_env_file(Path.cwd())
+    if found is None:
+        return os.environ
+    if not _trusted(found):
+        click.echo(f"note: ignoring {found}: not yours, or writable by others", err=True)
+        return os.environ
+    try:
+        values = read_env_file(found)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot read {found}: {exc}")
+    click.echo(f"note: no NZ_* variables set, so using the local stack's {found}", err=True)
+    return values
+
+
+def has_setting(name: str) -> bool:
+    """Whether `name` is set (to something) in the CLI's settings."""
+    return bool(settings_env().get(name, "").strip())
+
+
 def _env(name: str) -> str:
-    value = os.environ.get(name, "").strip()
+    value = settings_env().get(name, "").strip()
     if not value:
-        fail(f"{name} is not set")
+        fail(
+            f"{name} is not set (set the NZ_* variables, or run inside a checkout after "
+            "`make up`: with no NZ_* set, its .run/cli.env is used)"
+        )
     return value
 
 

@@ -6,7 +6,6 @@ Every command takes `--json`. Errors are one line on stderr and a non-zero exit 
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 import rich_click as click
 from rich.console import Console
@@ -15,7 +14,16 @@ from rich.table import Table
 from policyd.admin import accounts as admin
 from policyd.cli import audit as cli_audit
 from policyd.cli import limits as cli_limits
-from policyd.cli.base import fail, iso, json_option, need_redis, parse_when, print_json, run
+from policyd.cli.base import (
+    fail,
+    has_setting,
+    iso,
+    json_option,
+    need_redis,
+    parse_when,
+    print_json,
+    run,
+)
 
 __all__ = ["main"]
 
@@ -38,6 +46,7 @@ def cli() -> None:
     """Administer neuronetz-gateway: tenants, API keys and their limits.
 
     Reads NZ_DATABASE_URL (and NZ_REDIS_URL for commands that must reach every policyd).
+    Inside a checkout with no NZ_* set, the local stack's .run/cli.env (from `make up`).
     """
 
 
@@ -77,7 +86,7 @@ def create_key(tenant: str, name: str, expires: str | None, as_json: bool) -> No
     expires_at = parse_expiry(expires) if expires is not None else None
     created = run(
         lambda e, r: admin.create_key(e, r, tenant=tenant, name=name, expires_at=expires_at),
-        redis=bool(os.environ.get("NZ_REDIS_URL")),
+        redis=has_setting("NZ_REDIS_URL"),
     )
     if as_json:
         print_json(

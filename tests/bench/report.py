@@ -17,6 +17,7 @@ TARGETS: Final = (
     ("throughput_ratio", ">=", 0.5),
     ("meterd_lines_per_s", ">=", 5000.0),
     ("meterd_lag_s_max", "<=", 1.0),
+    ("metrics_us_per_decision", "<=", 20.0),
 )
 
 
@@ -27,6 +28,12 @@ def _lookup(data: Mapping[str, Any], path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+def _worst_metrics_cost(metrics: Mapping[str, Any] | None) -> float | None:
+    if not metrics:
+        return None
+    return float(max(metrics["one_worker_us"], metrics["multiprocess_us"]))
 
 
 def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,6 +48,7 @@ def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
         "cadence_preserved": streams.get("cadence_preserved"),
         "meterd_lines_per_s": (meterd.get("throughput") or {}).get("lines_per_s"),
         "meterd_lag_s_max": ((meterd.get("lag") or {}).get("lag_s") or {}).get("max"),
+        "metrics_us_per_decision": _worst_metrics_cost(scenarios.get("metrics")),
     }
 
 
@@ -227,6 +235,14 @@ def render_table(results: Mapping[str, Any]) -> str:
                 f"({throughput.get('lines_settled')} lines); lag under scenario 1: "
                 f"p50 {_fmt(lag.get('p50'), ' s')}, max {_fmt(lag.get('max'), ' s')}"
             )
+        )
+        lines.append("")
+    metrics = scenarios.get("metrics")
+    if metrics:
+        lines.append(
+            "metrics: what the Prometheus calls add to one decision, µs: "
+            f"one worker {_fmt(metrics['one_worker_us'])}, "
+            f"several workers (multiprocess files) {_fmt(metrics['multiprocess_us'])}"
         )
         lines.append("")
     resources = results.get("resources") or {}

@@ -23,6 +23,7 @@ import attrs
 from compose.local.services import REPO_ROOT
 from tests.bench.load import wrk_binary, wrk_script
 from tests.bench.metering import NOT_IN_STACK, LagSamples, meterd_throughput
+from tests.bench.metrics_cost import metrics_cost
 from tests.bench.plan import FULL, QUICK, SMOKE, Plan
 from tests.bench.policyd_alone import policyd_alone
 from tests.bench.report import headline, render_table, verdicts, write_json
@@ -96,6 +97,8 @@ def run(plan: Plan) -> dict[str, Any]:
             }
         rss = {name: round(rss_mib(handle), 1) for name, handle in rig.handles().items()}
         _say("stopping the parts")
+    _say("5. what the metrics add to a decision (in-process)")
+    scenarios["metrics"] = metrics_cost(iterations=plan.metrics_iterations)
     small = scenarios["small"]["targets"]
     results: dict[str, Any] = {
         "version": 1,

@@ -50,7 +50,8 @@ def test_reports_the_figures_the_issue_names(smoke: dict[str, Any]) -> None:
         assert set(smoke[name]) >= {"p50", "p99"}
     assert smoke["throughput_ratio"] is not None
     assert "meterd_lines_per_s" in smoke
-    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd"}
+    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd", "metrics"}
+    assert smoke["metrics_us_per_decision"] is not None
     assert set(smoke["resources"]["rss_mib"]) >= {"policyd", "caddy"}
 
 

@@ -15,8 +15,10 @@ __all__ = [
     "access_log_config",
     "adapt",
     "gateway_handlers",
+    "gateway_server",
     "is_forward_auth",
     "is_ollama_proxy",
+    "metrics_server",
 ]
 
 #: Settings both Caddyfiles need; paths are replaced per test by `test_env`.
@@ -51,9 +53,31 @@ def _walk(handlers: list[JsonObject]) -> Iterator[tuple[JsonObject, list[JsonObj
                     yield inner, [*route.get("match", []), *matchers]
 
 
+def _serves_metrics(server: JsonObject) -> bool:
+    return any(
+        handler["handler"] == "metrics"
+        for route in server["routes"]
+        for handler, _ in _walk(route["handle"])
+    )
+
+
+def gateway_server(config: JsonObject) -> JsonObject:
+    """The public site's server (the other one is the internal metrics listener)."""
+    servers: list[JsonObject] = list(config["apps"]["http"]["servers"].values())
+    (server,) = [s for s in servers if not _serves_metrics(s)]
+    return server
+
+
+def metrics_server(config: JsonObject) -> JsonObject:
+    """The internal metrics listener's server."""
+    servers: list[JsonObject] = list(config["apps"]["http"]["servers"].values())
+    (server,) = [s for s in servers if _serves_metrics(s)]
+    return server
+
+
 def gateway_handlers(config: JsonObject) -> list[tuple[JsonObject, list[JsonObject]]]:
-    """Handlers of the single site's routes, in the order Caddy runs them."""
-    (server,) = config["apps"]["http"]["servers"].values()
+    """Handlers of the public site's routes, in the order Caddy runs them."""
+    server = gateway_server(config)
     walked: list[tuple[JsonObject, list[JsonObject]]] = []
     for route in server["routes"]:
         for handler, matchers in _walk(route["handle"]):

@@ -65,7 +65,8 @@ def run_caddy(
     *, caddyfile: Path, env: Mapping[str, str], port: int, stderr_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `caddy run` until the block ends; stop it by its PID even on failure."""
-    full_env = {**os.environ, **env}
+    # The internal metrics listener needs a port of its own (its default would collide).
+    full_env = {**os.environ, "NZ_METRICS_PORT": str(free_port()), **env}
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
             [caddy_binary(), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],

