@@ -8,7 +8,11 @@
   lag grows until the store is back. Anything else is a bug and stops the daemon
   loudly (its supervisor restarts it at the checkpoint).
 - Bad lines are counted and logged once, with their file and offset, never their text
-  (a line may hold a prompt); the checkpoint moves past them.
+  (a line may hold a prompt); the checkpoint moves past them. Rows Postgres refuses for
+  what they hold are quarantined (settle.py) and never stop settlement.
+- A second follower of the same log releases concurrency leases as lines arrive
+  (leases.py), whatever Postgres does; it starts at settlement's checkpoint, or at the
+  log's end if there is none within a few seconds.
 - SIGTERM: stop taking new work once the log read at that moment is settled (for at
   most NZ_METERD_DRAIN_S), commit, exit 0.
 - Every NZ_METERD_SWEEP_EVERY_S, once the tail has caught up, reservations whose log
@@ -20,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
@@ -31,13 +38,14 @@ import redis.asyncio as aioredis
 
 from meterd import health, metrics
 from meterd.db import create_pool, is_pg_outage
+from meterd.leases import release_calls
 from meterd.parse import BadLine, Event, parse_line
 from meterd.records import Batch, Record
 from meterd.settings import Settings
 from meterd.settle import Store
 from meterd.settle_script import SettleScript
 from meterd.sweep import Sweeper, hold_off_s
-from meterd.tail import Checkpoint, Follower, Line, start_of
+from meterd.tail import Checkpoint, FileId, Follower, Line, start_of
 from meterd.usage import Calibration, measure
 from policyd.shared import contract
 from policyd.shared.errors import is_redis_outage
@@ -55,8 +63,24 @@ _CANCEL_AGAIN_S: Final = 0.1
 _CLOSE_S: Final = 5.0
 #: The exit code of a configuration meterd cannot run with (as in __main__).
 _EXIT_CONFIG: Final = 2
+#: How long the lease follower waits for settlement's checkpoint before starting alone.
+_LEASE_START_WAIT_S: Final = 3.0
 #: Lines parsed between two looks at the settlement running meanwhile (`_read_ahead`).
 _PARSE_SLICE: Final = 50
+
+
+def _end_of(path: Path) -> Checkpoint | None:
+    """The position at the current end of the live log (None if there is none yet)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return Checkpoint(
+        file=FileId.of(st),
+        offset=st.st_size,
+        fingerprint=hashlib.sha256(b"").digest(),
+        fingerprint_len=0,
+    )
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -98,9 +122,13 @@ class Daemon:
         pool: asyncpg.Pool,
         redis: aioredis.Redis,
         script: SettleScript,
+        release: SettleScript,
     ) -> None:
         self.settings: Final = settings
         self._redis = redis
+        self._release = release
+        # Where settlement starts, once loaded: the lease follower starts there too.
+        self._start: asyncio.Future[Checkpoint | None] = asyncio.get_running_loop().create_future()
         self._store = Store(
             pool,
             script,
@@ -150,6 +178,7 @@ class Daemon:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._prune_loop(), name="prune"),
             asyncio.create_task(self._sweep_loop(), name="sweep"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
         }
         try:
             await asyncio.wait({metering, *background}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,6 +208,7 @@ class Daemon:
 
     async def _meter(self) -> None:
         resume = await self._retry("load the checkpoint", self._store.load_checkpoint)
+        self._start.set_result(resume)
         rows = await self._retry("load the calibration", self._store.load_calibration)
         self._calibration.replace(rows)
         follower = Follower(
@@ -316,7 +346,7 @@ class Daemon:
         for obs in outcome.observations:
             self._calibration.learn(obs)
         self._lines += batch.lines
-        self._bad_lines += batch.bad_lines
+        self._bad_lines += batch.bad_lines + outcome.quarantined
         self._settled += outcome.inserted
         metrics.count_lines(
             lines=batch.lines,
@@ -408,6 +438,42 @@ class Daemon:
                 _log.warning("cannot prune prompts (%s)", type(exc).__name__)
             await asyncio.sleep(self.settings.prune_every_s)
 
+    async def _lease_loop(self) -> None:
+        """Release leases as lines arrive, ahead of settlement and whatever Postgres does."""
+        try:
+            async with asyncio.timeout(_LEASE_START_WAIT_S):
+                start = await asyncio.shield(self._start)
+        except TimeoutError:
+            # No checkpoint yet (Postgres down at start): release what ends from now on;
+            # leases of requests that ended before expire with their TTL.
+            start = _end_of(self.settings.access_log)
+            _log.warning("no checkpoint yet; releasing leases from the log's current end")
+        follower = Follower(
+            self.settings.access_log, start=start, max_line_bytes=self.settings.max_line_bytes
+        )
+        failing = False
+        try:
+            while True:
+                lines = follower.read(self.settings.batch_lines)
+                if not lines:
+                    await asyncio.sleep(self.settings.lease_poll_s)
+                    continue
+                calls = release_calls(lines)
+                while True:
+                    try:
+                        await self._release.run(calls)
+                        failing = False
+                        break
+                    except Exception as exc:
+                        if not is_outage(exc):
+                            raise
+                        if not failing:
+                            _log.warning("cannot release leases (%s)", type(exc).__name__)
+                        failing = True
+                        await asyncio.sleep(_FIRST_BACKOFF_S)
+        finally:
+            follower.close()
+
     async def _sweep_loop(self) -> None:
         await self._caught_up.wait()
         while True:
@@ -469,7 +535,14 @@ async def run(settings: Settings) -> int:
             locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
         )
         opened.push_async_callback(script.aclose)
-        return await Daemon(settings, pool=pool, redis=client, script=script).run()
+        release = SettleScript(
+            source=contract.release_script(),
+            redis_url=settings.redis_url,
+            redis=client,
+            timeout_s=_REDIS_TIMEOUT_S,
+        )
+        opened.push_async_callback(release.aclose)
+        return await Daemon(settings, pool=pool, redis=client, script=script, release=release).run()
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:

@@ -106,6 +106,9 @@ class Event:
     #: An OpenAI stream with `stream_options.include_usage` (more bytes per event).
     stream_usage: bool = False
     reserved: int | None = None
+    #: policyd's count of the prompt tokens (grant `prompt`): the least an aborted
+    #: request whose body reached Ollama pays.
+    prompt_tokens: int | None = None
     resp_body: str | None = attrs.field(default=None, repr=False)
     req_body: str | None = attrs.field(default=None, repr=False)
     #: The line was longer than the limit: its bodies are unknown.
@@ -190,6 +193,8 @@ def _ip(value: object) -> str | None:
 
 @functools.lru_cache(maxsize=_CACHED)
 def _canonical_ip(value: str) -> str | None:
+    if "%" in value:
+        return None  # a zone id (fe80::1%eth0): Python takes it, Postgres' inet does not
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -334,6 +339,7 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
         prompt_log=grant.get("log", "")[1:2] == "p",
         stream_usage=_flag(grant.get("usage")) is True,
         reserved=int(r) if (r := _match(_RESERVED, grant.get("reserved"))) else None,
+        prompt_tokens=int(p) if (p := _match(_RESERVED, grant.get("prompt"))) else None,
         resp_body=body if isinstance(body, str) else None,
         req_body=prompt if isinstance(prompt, str) and prompt else None,
         truncated=truncated,

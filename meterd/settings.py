@@ -13,6 +13,7 @@ from typing import Final
 
 import attrs
 
+from policyd.shared.bounds import MAX_PROMPT_RETENTION_DAYS
 from policyd.shared.envreader import EnvReader, redacted_url
 from policyd.shared.errors import SettingsError
 from policyd.shared.sentinel import SentinelSettings, read_sentinels
@@ -41,6 +42,8 @@ class Settings:
     batch_lines: int = 500
     #: How often an idle tail looks for new lines.
     poll_s: float = 0.2
+    #: How often the lease follower looks for new lines (leases are released then).
+    lease_poll_s: float = 0.05
     #: The heartbeat key expires this long after the last beat; `--check` fails after it.
     heartbeat_ttl_s: int = 30
     #: How often expired prompts are deleted.
@@ -56,9 +59,9 @@ class Settings:
     #: Ceiling of the retry backoff while Postgres or Redis is unavailable.
     max_backoff_s: float = 30.0
     #: How often reservations whose log line never arrived are looked for (sweep.py).
-    sweep_every_s: float = 60.0
+    sweep_every_s: float = 30.0
     #: How long after its lease expired a reservation is charged as reserved and flagged.
-    sweep_grace_s: float = 120.0
+    sweep_grace_s: float = 30.0
     log_level: str = "INFO"
     #: The Prometheus listener (metrics.py): an internal address only; port 0 turns it off.
     metrics_bind: str = "127.0.0.1"
@@ -88,17 +91,18 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         node=node,
         batch_lines=int(num("NZ_METERD_BATCH_LINES", 500, integer=True)),
         poll_s=num("NZ_METERD_POLL_S", 0.2),
+        lease_poll_s=num("NZ_METERD_LEASE_POLL_S", 0.05),
         heartbeat_ttl_s=int(num("NZ_METERD_HEARTBEAT_TTL_S", 30, integer=True, above=2)),
         prune_every_s=num("NZ_METERD_PRUNE_EVERY_S", 3600.0),
         prompt_retention_days=int(num("NZ_METERD_PROMPT_RETENTION_DAYS", 30, integer=True)),
+        sweep_every_s=num("NZ_METERD_SWEEP_EVERY_S", 30.0),
+        sweep_grace_s=num("NZ_METERD_SWEEP_GRACE_S", 30.0),
         max_line_bytes=int(
             num("NZ_METERD_MAX_LINE_BYTES", 64 * 1024 * 1024, integer=True, above=4095)
         ),
         max_prompt_bytes=int(num("NZ_METERD_MAX_PROMPT_BYTES", 1024 * 1024, integer=True)),
         drain_s=num("NZ_METERD_DRAIN_S", 20.0),
         max_backoff_s=num("NZ_METERD_MAX_BACKOFF_S", 30.0),
-        sweep_every_s=num("NZ_METERD_SWEEP_EVERY_S", 60.0),
-        sweep_grace_s=num("NZ_METERD_SWEEP_GRACE_S", 120.0),
         log_level=read.log_level("NZ_METERD_LOG_LEVEL"),
         metrics_bind=read.text("NZ_METERD_METRICS_BIND", "127.0.0.1"),
         metrics_port=int(num("NZ_METERD_METRICS_PORT", 9181, integer=True, above=-1)),
@@ -108,6 +112,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         read.errors.append(f"NZ_METERD_METRICS_PORT must be at most {_MAX_PORT}")
     if settings.metrics_tenants > _MAX_TENANT_SERIES:
         read.errors.append(f"NZ_METERD_METRICS_TENANTS must be at most {_MAX_TENANT_SERIES}")
+    if settings.prompt_retention_days > MAX_PROMPT_RETENTION_DAYS:
+        read.errors.append(
+            f"NZ_METERD_PROMPT_RETENTION_DAYS must be at most {MAX_PROMPT_RETENTION_DAYS}"
+        )
     if read.errors:
         raise SettingsError("; ".join(read.errors))
     return settings

@@ -35,16 +35,19 @@ from typing import Final
 
 import asyncpg  # type: ignore[import-untyped]
 import attrs
+import msgspec
 
 from meterd import metrics, writes
 from meterd.records import Batch, Record
 from meterd.settle_script import SettleScript
 from meterd.tail import Checkpoint, FileId
-from meterd.usage import CalibrationRow, Observation
+from meterd.usage import CalibrationRow, Observation, Source, Usage
 from policyd.shared import keyspace
 from policyd.shared.retention import prune_expired_prompts
 
 __all__ = [
+    "DATA_ERRORS",
+    "QUARANTINED",
     "Outcome",
     "RedisSettlement",
     "Store",
@@ -77,6 +80,41 @@ class Outcome:
     inserted: int
     #: Observations of the inserted rows, in log order, for the in-memory calibration.
     observations: tuple[Observation, ...]
+    #: Requests Postgres refused for a data reason, settled fail-closed instead.
+    quarantined: int = 0
+
+
+#: Postgres refusing a row for what it holds (a value out of range, a constraint, a
+#: malformed value), or the row failing to encode: retrying cannot help, so the request
+#: is quarantined (below) instead of stopping settlement. Outages are not among these.
+DATA_ERRORS: Final = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    msgspec.EncodeError,
+    OverflowError,
+)
+#: The audit row's `refusal` of a quarantined request.
+QUARANTINED: Final = "meter_quarantined"
+
+
+def quarantined(record: Record) -> Record:
+    """`record` as settled when Postgres refused it: charged what admission reserved, no
+    prompt, no calibration, flagged; only the columns every line has valid values for."""
+    event = record.event
+    reserved = event.reserved or 0
+    return Record(
+        event=attrs.evolve(
+            event,
+            prompt_log=False,
+            req_body=None,
+            resp_body=None,
+            client_ip=None,
+            user_agent=None,
+            refusal=QUARANTINED,
+        ),
+        usage=Usage(prompt_tokens=0, completion_tokens=reserved, source=Source.RESERVED),
+    )
 
 
 def _unsigned(value: int) -> int:
@@ -184,7 +222,71 @@ class Store:
     # --- settlement -----------------------------------------------------------------------
 
     async def settle(self, batch: Batch, *, resume: Checkpoint) -> Outcome:
-        """Settle `batch` exactly once; `resume` is the position before it (see above)."""
+        """Settle `batch` exactly once; `resume` is the position before it (see above).
+
+        When Postgres refuses the batch for a data reason, its requests are settled one
+        by one, and each one refused alone is quarantined: logged once with its request
+        id, counted as a bad line, audited as `quarantined()` (or, if even that is
+        refused, only released in Redis with its reservation kept charged).
+        """
+        try:
+            return await self._settle(batch, resume=resume)
+        except DATA_ERRORS as exc:
+            _log.warning(
+                "a batch of %d requests was refused (%s); settling them one by one",
+                len(batch.records),
+                type(exc).__name__,
+            )
+        inserted, quarantine = 0, 0
+        observations: list[Observation] = []
+        for record in self._unique(batch.records):
+            alone = Batch(records=(record,), checkpoint=batch.checkpoint, lines=0, bad_lines=0)
+            try:
+                outcome = await self._settle(alone, resume=resume)
+            except DATA_ERRORS as exc:
+                quarantine += 1
+                outcome = await self._quarantine(record, alone, resume=resume, error=exc)
+            inserted += outcome.inserted
+            observations += outcome.observations
+        # The batch's line counts, with the quarantined requests among its bad lines.
+        counts = Batch(
+            records=(),
+            checkpoint=batch.checkpoint,
+            lines=batch.lines,
+            bad_lines=batch.bad_lines + quarantine,
+        )
+        await self._settle(counts, resume=resume)
+        return Outcome(inserted=inserted, observations=tuple(observations), quarantined=quarantine)
+
+    async def _quarantine(
+        self, record: Record, alone: Batch, *, resume: Checkpoint, error: BaseException
+    ) -> Outcome:
+        event = record.event
+        _log.warning(
+            "quarantined request %s of key %s: Postgres refused its row (%s); "
+            "charged as reserved (%s tokens)",
+            event.request_id,
+            event.key_prefix or "-",
+            type(error).__name__,
+            event.reserved or 0,
+        )
+        flagged = quarantined(record)
+        try:
+            return await self._settle(attrs.evolve(alone, records=(flagged,)), resume=resume)
+        except DATA_ERRORS as exc:
+            _log.error(
+                "request %s could not be audited at all (%s); its lease is released and "
+                "its reservation stays charged",
+                event.request_id,
+                type(exc).__name__,
+            )
+        # Redis only: delta 0 against the reservation (it stays charged), lease released.
+        await settle_in_redis(
+            self._script, [RedisSettlement(record=flagged, ledger_ms=int(time.time() * 1000))]
+        )
+        return Outcome(inserted=0, observations=())
+
+    async def _settle(self, batch: Batch, *, resume: Checkpoint) -> Outcome:
         records = self._unique(batch.records)
         async with self._pool.acquire() as conn:
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -320,6 +321,10 @@ def estimate_completion(
     model = model_key(event.model)
     per_token = envelope.per_chunk + calibration.bytes_per_token(model)
     fixed = envelope.fixed
+    if event.bytes_out < fixed:
+        # Shorter than a final chunk: the stream was cut (the client left) before its
+        # end, and every byte sent belongs to a token chunk.
+        return max(round(event.bytes_out / per_token), 0)
     if envelope.context:
         per_context = calibration.context_bytes_per_token(model)
         per_token += per_context
@@ -336,11 +341,53 @@ def _reserved(event: Event, calibration: Calibration) -> Usage:
     )
 
 
-def measure(event: Event, calibration: Calibration) -> Measured:
+#: Status Caddy logs when the client went away before the response was written.
+CLIENT_CLOSED: Final = 499
+#: Completion tokens per second of generation charged for a non-streamed request whose
+#: client left (Ollama stops generating then; nothing tells how far it got). Generous on
+#: purpose, and never more than the reservation's output part.
+ABORTED_TOKENS_PER_S: Final = 100.0
+
+
+def _prompt_floor(event: Event, calibration: Calibration) -> int:
+    """Prompt tokens of a request whose body reached Ollama: policyd's count if logged."""
+    if event.prompt_tokens is not None:
+        return event.prompt_tokens
+    return estimate_prompt(event, calibration)
+
+
+def _aborted(event: Event, calibration: Calibration, tokens_per_s: float) -> Usage:
+    """A request whose client left before its response was written (status 499).
+
+    Its body reached Ollama, which read the whole prompt: it pays policyd's count of it.
+    A stream pays the chunks it was sent (none if cut before the first); a non-streamed
+    request generated for as long as it ran, at `tokens_per_s`, within its reservation.
+    """
+    prompt = _prompt_floor(event, calibration)
+    completion = 0
+    if event.stream and event.bytes_out > 0 and event.path in STREAMABLE_PATHS:
+        # Cut mid-stream: every chunk sent carried one token, and no final chunk came.
+        envelope = envelope_for(event.path, event.model or "", with_usage=event.stream_usage)
+        per_token = envelope.per_chunk + calibration.bytes_per_token(model_key(event.model))
+        completion = max(round(event.bytes_out / per_token), 0)
+    elif not event.stream:
+        allowance = max((event.reserved or 0) - prompt, 0)
+        completion = min(allowance, math.ceil(event.duration_ms / 1000 * tokens_per_s))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, source=Source.ESTIMATED)
+
+
+def measure(
+    event: Event,
+    calibration: Calibration,
+    *,
+    aborted_tokens_per_s: float = ABORTED_TOKENS_PER_S,
+) -> Measured:
     """The usage to settle and audit for `event` (and what it teaches the calibration)."""
     if not event.admitted or event.path not in USAGE_PATHS:
         # Never reached Ollama (refused or blocked), or an info endpoint: nothing used.
         return Measured(usage=Usage(prompt_tokens=0, completion_tokens=0, source=Source.EXACT))
+    if event.status == CLIENT_CLOSED and not event.truncated:
+        return Measured(usage=_aborted(event, calibration, aborted_tokens_per_s))
     if event.resp_body is not None:
         counted = exact_counts(event.resp_body)
         if counted is None:

@@ -40,6 +40,7 @@ from meterd.parse import clean_text
 from meterd.records import Record
 from meterd.tail import Checkpoint
 from meterd.usage import DECAY, SUMS, CalibrationRow, Observation, Source, Usage
+from policyd.shared.bounds import MAX_PROMPT_RETENTION_DAYS
 
 __all__ = [
     "Audited",
@@ -105,12 +106,14 @@ ON CONFLICT (key_id, day) DO UPDATE SET
 # $1: the candidates (`_PromptRow`), $2: stored_at, $3: default retention (days).
 # The key's effective prompt-logging policy is read at settlement (the join), so that
 # turning logging off stops storing at once, even for lines admitted before the change.
-# Retention in hours: adding days would follow the session's time zone across DST.
+# Retention in hours: adding days would follow the session's time zone across DST. It is
+# bounded to the stated maximum, so a value set behind the CLI's back cannot overflow.
 _STORE_PROMPTS: Final = f"""
 INSERT INTO prompt_log (request_id, key_id, tenant_id, stored_at, expires_at, body, truncated)
 SELECT p.request_id, p.key_id, p.tenant_id, $2::timestamptz,
-       p.started + make_interval(hours => 24 * COALESCE(
-           NULLIF(COALESCE(k.prompt_retention_days, t.prompt_retention_days), 0), $3::integer)),
+       p.started + make_interval(hours => 24 * LEAST(GREATEST(COALESCE(
+           NULLIF(COALESCE(k.prompt_retention_days, t.prompt_retention_days), 0), $3::integer),
+           1), {MAX_PROMPT_RETENTION_DAYS})),
        p.body, p.truncated
   FROM json_to_recordset($1::json) AS p(
        request_id uuid, key_id uuid, tenant_id uuid, started timestamptz, body text,

@@ -92,7 +92,7 @@ class StackConfig:
     meterd_poll_s: float = 0.05
     #: Extra policyd settings (e.g. NZ_LEASE_TTL_S for lease-expiry tests).
     policyd_extra: dict[str, str] = attrs.field(factory=dict)
-    #: Extra Caddy settings (e.g. NZ_UPSTREAM_MAX_REQUESTS for spill-over tests).
+    #: Extra Caddy settings (e.g. NZ_UPSTREAM_MAX_REQUESTS, NZ_GRACE_PERIOD, NZ_MAX_REQUEST_S).
     caddy_extra: dict[str, str] = attrs.field(factory=dict)
     #: Settings for everything that talks to the stores: policyd, meterd and the CLI
     #: (e.g. NZ_REDIS_SENTINELS).

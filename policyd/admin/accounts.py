@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from policyd.shared.bounds import MAX_EXPIRY_DAYS
 from policyd.shared.errors import GatewayError
 from policyd.shared.keys import generate_key, is_prefix
 from policyd.shared.keyspace import key_record
@@ -29,8 +30,10 @@ __all__ = [
     "AdminError",
     "CacheInvalidationError",
     "CreatedKey",
+    "InvalidInput",
     "KeyInfo",
     "TenantInfo",
+    "check_expiry",
     "create_key",
     "create_tenant",
     "find_tenant_id",
@@ -47,6 +50,10 @@ _PREFIX_ATTEMPTS: Final = 5
 
 class AdminError(GatewayError):
     """An operator request that cannot be carried out; the message says why."""
+
+
+class InvalidInput(AdminError):
+    """An operator value the stores cannot hold or the gateway does not accept (exit 2)."""
 
 
 class CacheInvalidationError(AdminError):
@@ -90,7 +97,7 @@ class CreatedKey:
 
 def _check_tenant_name(name: str) -> None:
     if not _TENANT_NAME.fullmatch(name):
-        raise AdminError(
+        raise InvalidInput(
             f"invalid tenant name {name!r}: use 1-63 lowercase letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
@@ -98,7 +105,26 @@ def _check_tenant_name(name: str) -> None:
 
 def _check_key_name(name: str) -> None:
     if not name.strip() or len(name) > _MAX_KEY_NAME or not name.isprintable():
-        raise AdminError(f"invalid key name: use 1-{_MAX_KEY_NAME} printable characters")
+        raise InvalidInput(f"invalid key name: use 1-{_MAX_KEY_NAME} printable characters")
+
+
+def check_expiry(expires_at: dt.datetime, *, now: dt.datetime | None = None) -> None:
+    """An expiry must lie ahead, and at most `MAX_EXPIRY_DAYS` ahead (finite, storable)."""
+    current = now or dt.datetime.now(dt.UTC)
+    if expires_at.tzinfo is None:
+        raise InvalidInput("the expiry needs a time zone")
+    if expires_at <= current:
+        raise InvalidInput("the expiry must be in the future")
+    if expires_at > current + dt.timedelta(days=MAX_EXPIRY_DAYS):
+        raise InvalidInput(f"the expiry may lie at most {MAX_EXPIRY_DAYS} days ahead")
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    """A stored time as an aware datetime: `infinity`, written by older versions, comes
+    back from asyncpg as a naive datetime.max."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.UTC)
 
 
 async def create_tenant(engine: AsyncEngine, *, name: str) -> TenantInfo:
@@ -152,8 +178,8 @@ async def create_key(
     expires_at: dt.datetime | None,
 ) -> CreatedKey:
     _check_key_name(name)
-    if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
-        raise AdminError("the expiry must be in the future")
+    if expires_at is not None:
+        check_expiry(expires_at)
     for _ in range(_PREFIX_ATTEMPTS):
         generated = generate_key()
         try:
@@ -202,7 +228,8 @@ async def create_key(
 def _status(row: Any, now: dt.datetime) -> str:
     if row.revoked_at is not None:
         return "revoked"
-    if row.expires_at is not None and row.expires_at <= now:
+    expires_at = _aware(row.expires_at)
+    if expires_at is not None and expires_at <= now:
         return "expired"
     return "active"
 
@@ -240,9 +267,9 @@ async def list_keys(
             tenant=r.tenant,
             status=_status(r, now),
             created_at=r.created_at,
-            expires_at=r.expires_at,
-            revoked_at=r.revoked_at,
-            last_used_at=r.last_used_at,
+            expires_at=_aware(r.expires_at),
+            revoked_at=_aware(r.revoked_at),
+            last_used_at=_aware(r.last_used_at),
         )
         for r in rows
     ]
@@ -264,7 +291,7 @@ async def invalidate_keys(redis: aioredis.Redis, prefixes: list[str]) -> None:
 async def revoke_key(engine: AsyncEngine, redis: aioredis.Redis, *, prefix: str) -> KeyInfo:
     """Mark the key revoked (idempotent) and evict it from the caches."""
     if not is_prefix(prefix):
-        raise AdminError(f"invalid key prefix {prefix!r}: expected the form nz_xxxxxxxx")
+        raise InvalidInput(f"invalid key prefix {prefix!r}: expected the form nz_xxxxxxxx")
     async with engine.begin() as conn:
         await conn.execute(
             sa.update(api_keys)

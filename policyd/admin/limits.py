@@ -8,6 +8,7 @@ takes effect within a second.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,13 +19,15 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.admin.accounts import AdminError, invalidate_keys
+from policyd.admin.accounts import AdminError, InvalidInput, invalidate_keys
+from policyd.shared.bounds import LIMIT_MAXIMA
 from policyd.shared.contract import calendar_day, calendar_month
 from policyd.shared.keys import is_prefix
 from policyd.shared.keyspace import DIMENSIONS, scope_keys
 from policyd.shared.tables import LIMIT_COLUMNS, api_keys, tenants
 
 __all__ = [
+    "MAX_MODELS",
     "LimitView",
     "Target",
     "UsageView",
@@ -39,6 +42,10 @@ _POSITIVE: Final = frozenset(
     {"max_output_tokens", "max_keep_alive_seconds", "max_num_ctx", "prompt_retention_days"}
 )
 _WINDOW_S: Final = 60
+#: Most entries in `allowed_models`, and the longest one (Ollama's names are far shorter).
+MAX_MODELS: Final = 100
+_MAX_MODEL_LEN: Final = 256
+_MODEL_ENTRY: Final = re.compile(rf"^[\x21-\x2b\x2d-\x7e]{{1,{_MAX_MODEL_LEN}}}$")
 
 
 @attrs.frozen(kw_only=True)
@@ -81,11 +88,11 @@ class UsageView:
 async def resolve_target(engine: AsyncEngine, *, tenant: str | None, key: str | None) -> Target:
     """Exactly one of `tenant` (name) or `key` (prefix) must be given."""
     if (tenant is None) == (key is None):
-        raise AdminError("give exactly one of --tenant or --key")
+        raise InvalidInput("give exactly one of --tenant or --key")
     async with engine.connect() as conn:
         if key is not None:
             if not is_prefix(key):
-                raise AdminError(f"invalid key prefix {key!r}: expected the form nz_xxxxxxxx")
+                raise InvalidInput(f"invalid key prefix {key!r}: expected the form nz_xxxxxxxx")
             row = (
                 await conn.execute(
                     sa.select(api_keys.c.id, api_keys.c.prefix, tenants.c.id, tenants.c.name)
@@ -107,15 +114,32 @@ async def resolve_target(engine: AsyncEngine, *, tenant: str | None, key: str | 
 
 
 def _validate(values: Mapping[str, Any]) -> None:
+    """Every value within what its column holds and the gateway accepts (`bounds`)."""
     for name, value in values.items():
         if name not in LIMIT_COLUMNS:
-            raise AdminError(f"unknown limit {name!r}; known: {', '.join(LIMIT_COLUMNS)}")
-        if value is None or isinstance(value, bool | tuple):
+            raise InvalidInput(f"unknown limit {name!r}; known: {', '.join(LIMIT_COLUMNS)}")
+        if value is None or isinstance(value, bool):
+            continue
+        if name == "allowed_models":
+            _check_models(value)
             continue
         if not isinstance(value, int) or value < 0:
-            raise AdminError(f"{name} must be a whole number of at least 0")
+            raise InvalidInput(f"{name} must be a whole number of at least 0")
         if name in _POSITIVE and value == 0:
-            raise AdminError(f"{name} must be at least 1")
+            raise InvalidInput(f"{name} must be at least 1")
+        if value > LIMIT_MAXIMA[name]:
+            raise InvalidInput(f"{name} must be at most {LIMIT_MAXIMA[name]}")
+
+
+def _check_models(models: object) -> None:
+    if not isinstance(models, tuple) or not 1 <= len(models) <= MAX_MODELS:
+        raise InvalidInput(f"allowed models: give 1-{MAX_MODELS} names")
+    for model in models:
+        if not isinstance(model, str) or not _MODEL_ENTRY.fullmatch(model):
+            raise InvalidInput(
+                f"invalid model name {model!r}: use 1-{_MAX_MODEL_LEN} printable characters "
+                "without spaces or commas"
+            )
 
 
 async def set_limits(
@@ -123,7 +147,7 @@ async def set_limits(
 ) -> None:
     """Store new values (None = unset) and make every affected policyd reload them."""
     if not values:
-        raise AdminError("nothing to change: give at least one limit option or --unset")
+        raise InvalidInput("nothing to change: give at least one limit option or --unset")
     _validate(values)
     stored = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     async with engine.begin() as conn:

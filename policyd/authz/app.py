@@ -77,6 +77,7 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 redis=redis,
                 load_tenant=loader,
                 lease_ttl_s=settings.lease_ttl_s,
+                concurrency_wait_s=settings.concurrency_wait_s,
                 timeout_s=settings.store_timeout_s,
                 hot=hot,
             )

@@ -61,6 +61,15 @@ _NOT_LOADED: Final = 0
 _ADMITTED: Final = 1
 _REFUSED: Final = 2
 _DUPLICATE: Final = 3
+#: The script's limit indexes of the key's and the tenant's concurrency.
+_CONCURRENCY_INDEXES: Final = (5, 6)
+_FIRST_LEASE_WAIT_S: Final = 0.02
+_MAX_LEASE_WAIT_S: Final = 0.2
+
+
+def _concurrency_refused(result: list[int]) -> bool:
+    return result[0] == _REFUSED and result[1] in _CONCURRENCY_INDEXES
+
 
 Loader = Callable[[KeyRecord], Awaitable[None]]
 
@@ -153,6 +162,7 @@ class Limiter:
         load_tenant: Loader,
         lease_ttl_s: float,
         timeout_s: float,
+        concurrency_wait_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         hot: RespClient | None = None,
     ) -> None:
@@ -161,6 +171,7 @@ class Limiter:
         self._hot = hot
         self._load_tenant = load_tenant
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._concurrency_wait_s = concurrency_wait_s
         self._timeout_s = timeout_s
         self._clock = clock
         self._source = admit_script()
@@ -181,6 +192,10 @@ class Limiter:
         if result[0] == _NOT_LOADED:
             await self._load_tenant(record)
             result = await self._run(keys, args)
+        if _concurrency_refused(result) and self._concurrency_wait_s > 0:
+            now_ts, result = await self._wait_for_lease(
+                record, limits, request_id=request_id, reserve=reserve
+            )
         if result[0] == _ADMITTED:
             return Admission(None, _rate_headers([int(v) for v in result[1:7]]))
         if result[0] == _DUPLICATE:
@@ -191,6 +206,34 @@ class Limiter:
             now = dt.datetime.fromtimestamp(now_ts, dt.UTC)
             return Admission(self._refusal(record, [int(v) for v in result[1:]], now))
         raise StoreUnavailable("redis: tenant counters could not be loaded")
+
+    async def _wait_for_lease(
+        self,
+        record: KeyRecord,
+        limits: dict[str, tuple[int | None, int | None]],
+        *,
+        request_id: str,
+        reserve: int,
+    ) -> tuple[float, list[int]]:
+        """Ask again while a concurrency slot is taken, for at most `concurrency_wait_s`.
+
+        A request that has just ended keeps its slot until meterd reads its log line (its
+        lease poll, 50 ms by default), so a client sending its next request at once would
+        be refused although nothing is in flight. The waits double from 20 ms to 200 ms:
+        a handful of script calls per refused request, and a refusal consumes nothing.
+        """
+        deadline = time.monotonic() + self._concurrency_wait_s
+        delay = _FIRST_LEASE_WAIT_S
+        while True:
+            await asyncio.sleep(max(min(delay, deadline - time.monotonic()), 0.0))
+            delay = min(delay * 2, _MAX_LEASE_WAIT_S)
+            now_ts = self._clock()
+            keys, args = self._call(
+                record, limits, request_id=request_id, reserve=reserve, now_ts=now_ts
+            )
+            result = await self._run(keys, args)
+            if not _concurrency_refused(result) or time.monotonic() >= deadline:
+                return now_ts, result
 
     def _never_fits(
         self,

@@ -20,6 +20,9 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "Settings", "SettingsError", "load_settings
 
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 _MIN_SECRET_LEN: Final = 32
+#: Default lease beyond the longest request: time for meterd to read the request's line.
+_LEASE_MARGIN_S: Final = 15.0
+_MAX_CONCURRENCY_WAIT_MS: Final = 10_000
 
 
 @attrs.frozen(kw_only=True)
@@ -45,8 +48,15 @@ class Settings:
     store_timeout_s: float = 2.0
     #: Seconds the readiness probe waits for each dependency.
     ready_timeout_s: float = 2.0
-    #: How long a concurrency lease holds a slot if its settlement never arrives.
-    lease_ttl_s: float = 600.0
+    #: Longest a request may run: Caddy cuts a response still being written after it
+    #: (its server write timeout is the same NZ_MAX_REQUEST_S). Leases are sized by it.
+    max_request_s: float = 600.0
+    #: How long a concurrency lease holds a slot if its release never arrives (meterd
+    #: down): the longest request plus a margin for meterd to read its line.
+    lease_ttl_s: float = 615.0
+    #: How long admission waits for a concurrency slot that a request just ended is
+    #: about to give back (meterd releases it within its lease poll), before a 429.
+    concurrency_wait_s: float = 1.0
     #: How often last-used timestamps are flushed to Postgres.
     last_used_flush_s: float = 5.0
     #: Prompt tokens one image counts for in a reservation (models differ: 256 to ~1600).
@@ -78,7 +88,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     max_body = read.number("NZ_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, integer=True)
     cache_ttl_ms = read.number("NZ_KEY_CACHE_TTL_MS", 500, integer=True)
     timeout_ms = read.number("NZ_STORE_TIMEOUT_MS", 2000, integer=True)
-    lease_ttl = read.number("NZ_LEASE_TTL_S", 600)
+    max_request = read.number("NZ_MAX_REQUEST_S", 600)
+    lease_ttl = read.number("NZ_LEASE_TTL_S", max_request + _LEASE_MARGIN_S)
+    if lease_ttl < max_request:
+        read.errors.append(
+            "NZ_LEASE_TTL_S must be at least NZ_MAX_REQUEST_S (a lease must outlive its request)"
+        )
+    wait_ms = read.number("NZ_CONCURRENCY_WAIT_MS", 1000, integer=True, above=-1)
+    if wait_ms > _MAX_CONCURRENCY_WAIT_MS:
+        read.errors.append(f"NZ_CONCURRENCY_WAIT_MS must be at most {_MAX_CONCURRENCY_WAIT_MS}")
     refresh_s = read.number("NZ_UPSTREAM_REFRESH_S", 5)
     log_level = read.log_level("NZ_LOG_LEVEL")
     image_tokens = read.number("NZ_IMAGE_TOKENS", 1024, integer=True, above=-1)
@@ -98,8 +116,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=int(max_body),
         key_cache_ttl_s=cache_ttl_ms / 1000,
         store_timeout_s=timeout_ms / 1000,
+        max_request_s=max_request,
         lease_ttl_s=lease_ttl,
         upstream_refresh_s=refresh_s,
+        concurrency_wait_s=wait_ms / 1000,
         log_level=log_level,
         image_tokens=int(image_tokens),
         default_output_tokens=int(default_output),

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from policyd.admin.accounts import AdminError, find_tenant_id
-from policyd.cli.base import iso, json_option, parse_when, run
+from policyd.admin.accounts import InvalidInput, find_tenant_id
+from policyd.cli.base import bad_input, iso, json_option, parse_when, run
+from policyd.shared.bounds import MAX_LOOKBACK_DAYS
 from policyd.shared.retention import prune_expired_prompts as _prune
 from policyd.shared.tables import api_keys, audit_log, tenants, usage_ledger
 
@@ -38,6 +39,8 @@ __all__ = [
 _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
 _MAX_LIMIT: Final = 1000
+#: Highest page: the row offset stays far inside Postgres's bigint.
+_MAX_PAGE: Final = 10**9
 _STATUS_CLASS: Final = re.compile(r"^([1-5])xx$")
 
 # --- shared options -------------------------------------------------------------------------
@@ -45,9 +48,12 @@ _STATUS_CLASS: Final = re.compile(r"^([1-5])xx$")
 
 def parse_moment(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
     """`24h`/`7d`/`30m`/`2w` ago, a date (its start, UTC) or an ISO datetime."""
-    moment = parse_when(text, ahead=False, now=now)
+    moment = parse_when(text, ahead=False, now=now, within_days=MAX_LOOKBACK_DAYS)
     if moment is None:
-        raise click.BadParameter(f"{text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T12:00:00Z")
+        raise click.BadParameter(
+            f"{text!r}: use e.g. 24h, 7d, 2026-11-01 or 2026-11-01T12:00:00Z, "
+            f"at most {MAX_LOOKBACK_DAYS} days from now"
+        )
     return moment
 
 
@@ -114,7 +120,7 @@ def _status_filter(status: str) -> sa.ColumnElement[bool]:
         return sa.and_(audit_log.c.status >= low, audit_log.c.status < low + 100)
     if value.isdigit() and len(value) == 3:
         return audit_log.c.status == int(value)
-    raise AdminError(f"invalid status {status!r}: use e.g. 200, 429 or 4xx")
+    raise InvalidInput(f"invalid status {status!r}: use e.g. 200, 429 or 4xx")
 
 
 def _audit_dict(row: Any) -> dict[str, Any]:
@@ -154,7 +160,9 @@ def _audit_dict(row: Any) -> dict[str, Any]:
 @click.option("--status", default=None, help="HTTP status (429) or class (4xx).")
 @click.option("--model", default=None, help="Only requests for this model (as requested).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, _MAX_LIMIT))
-@click.option("--page", default=1, show_default=True, type=click.IntRange(1), help="1 = newest.")
+@click.option(
+    "--page", default=1, show_default=True, type=click.IntRange(1, _MAX_PAGE), help="1 = newest."
+)
 @json_option
 def audit(
     tenant: str | None,
@@ -168,6 +176,11 @@ def audit(
     as_json: bool,
 ) -> None:
     """Show the audit log: one row per request, newest first. Never keys or prompts."""
+    if status is not None:
+        try:
+            _status_filter(status)
+        except InvalidInput as exc:
+            bad_input(str(exc))
     rows = run(
         lambda e, _r: audit_rows(
             e,

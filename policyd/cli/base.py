@@ -38,13 +38,16 @@ from policyd.shared.envreader import EnvReader
 from policyd.shared.sentinel import SentinelSettings, read_sentinels, redis_client
 
 __all__ = [
+    "EXIT_BAD_INPUT",
     "LOCAL_ENV",
+    "bad_input",
     "fail",
     "has_setting",
     "iso",
     "json_option",
     "local_env_file",
     "need_redis",
+    "one_line",
     "parse_when",
     "print_json",
     "read_env_file",
@@ -56,16 +59,28 @@ _T = TypeVar("_T")
 _EXIT_ERROR: Final = 1
 #: Where `make up` writes the local stack's settings, relative to the checkout.
 LOCAL_ENV: Final = Path(".run") / "cli.env"
+#: Exit code of a value the operator gave that cannot be used (Click's usage errors too).
+EXIT_BAD_INPUT: Final = 2
 
 Action = Callable[[AsyncEngine, aioredis.Redis | None], Awaitable[_T]]
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-def fail(message: str) -> NoReturn:
-    """Print one error line and exit non-zero."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(_EXIT_ERROR)
+def one_line(message: str) -> str:
+    """`message` on one line: an operator's value may hold line breaks of its own."""
+    return " ".join(message.split())
+
+
+def fail(message: str, *, code: int = _EXIT_ERROR) -> NoReturn:
+    """Print one error line and exit non-zero (`EXIT_BAD_INPUT` for a bad operator value)."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def bad_input(message: str) -> NoReturn:
+    """A value the operator gave cannot be used: one line, exit 2."""
+    fail(message, code=EXIT_BAD_INPUT)
 
 
 def local_env_file(start: Path) -> Path | None:
@@ -141,6 +156,8 @@ def _store_errors(url: str) -> Iterator[None]:
     """Turn store failures into one readable line (without credentials)."""
     try:
         yield
+    except admin.InvalidInput as exc:
+        bad_input(str(exc))
     except admin.AdminError as exc:
         fail(str(exc))
     except (SQLAlchemyError, OSError) as exc:
@@ -215,13 +232,17 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(_jsonable(value), indent=2))
 
 
-_DURATION: Final = re.compile(r"^(\d+)([smhdw])$")
+#: A duration: at most 12 digits (longer ones are no duration anyone means).
+_DURATION: Final = re.compile(r"^(\d{1,12})([smhdw])$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def parse_when(text: str, *, ahead: bool, now: dt.datetime | None = None) -> dt.datetime | None:
-    """A moment as operators write it; None when it cannot be read.
+def parse_when(
+    text: str, *, ahead: bool, now: dt.datetime | None = None, within_days: int = 36500
+) -> dt.datetime | None:
+    """A moment as operators write it; None when it cannot be read or lies further than
+    `within_days` from now (either way: a moment the stores hold, never an overflow).
 
     `30d`, `12h`, `2w`, `45m`, `10s` count from now, forwards when `ahead` (an expiry),
     else backwards (`--since 24h`). A date is the end of that day (UTC) looking ahead, so
@@ -230,15 +251,23 @@ def parse_when(text: str, *, ahead: bool, now: dt.datetime | None = None) -> dt.
     """
     value = text.strip()
     current = now or dt.datetime.now(dt.UTC)
+    reach = dt.timedelta(days=within_days)
     match = _DURATION.fullmatch(value)
     if match:
-        span = dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        if seconds > reach.total_seconds():
+            return None
+        span = dt.timedelta(seconds=seconds)
         return current + span if ahead else current - span
     try:
         if _DATE.fullmatch(value):
             edge = dt.time.max if ahead else dt.time()
-            return dt.datetime.combine(dt.date.fromisoformat(value), edge, tzinfo=dt.UTC)
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+            moment = dt.datetime.combine(dt.date.fromisoformat(value), edge, tzinfo=dt.UTC)
+        else:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        if abs(moment - current) > reach:
+            return None
+        return moment.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from policyd.admin import limits as limits_admin
 from policyd.cli.audit import settled_usage, since_option, until_option
-from policyd.cli.base import fail, json_option, need_redis, print_json, run
+from policyd.cli.base import bad_input, json_option, need_redis, print_json, run
+from policyd.shared.bounds import LIMIT_MAXIMA
 
 __all__ = ["COMMANDS"]
 
@@ -31,6 +32,11 @@ _OPTIONS: Final = {
 _UNSETTABLE: Final = (*_OPTIONS, "models", "prompt-logging")
 
 
+def _range(column: str, low: int) -> click.IntRange:
+    """The values a limit column holds and the gateway accepts (`bounds.LIMIT_MAXIMA`)."""
+    return click.IntRange(min=low, max=LIMIT_MAXIMA[column])
+
+
 def _target_options(func: Any) -> Any:
     func = click.option("--key", "key", default=None, help="Key prefix, e.g. nz_ab12cd34.")(func)
     return click.option("--tenant", default=None, help="Tenant name.")(func)
@@ -46,7 +52,7 @@ def _changes(options: dict[str, Any], unset: tuple[str, ...]) -> dict[str, Any]:
     if models is not None:
         names = tuple(m.strip() for m in models.split(",") if m.strip())
         if not names:
-            fail("--models needs at least one model name (use --unset models to allow all)")
+            bad_input("--models needs at least one model name (use --unset models to allow all)")
         values["allowed_models"] = names
     logging = options.get("prompt_logging")
     if logging is not None:
@@ -54,33 +60,35 @@ def _changes(options: dict[str, Any], unset: tuple[str, ...]) -> dict[str, Any]:
     for name in unset:
         column = {"models": "allowed_models"}.get(name, name.replace("-", "_"))
         if column in values:
-            fail(f"--unset {name} contradicts the value given for it")
+            bad_input(f"--unset {name} contradicts the value given for it")
         values[column] = None
     return values
 
 
 @click.command("set-limits")
 @_target_options
-@click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute.")
-@click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute.")
-@click.option("--concurrency", type=click.IntRange(min=0), help="Requests in flight.")
-@click.option("--daily-tokens", type=click.IntRange(min=0), help="Token budget per UTC day.")
-@click.option("--monthly-tokens", type=click.IntRange(min=0), help="Per UTC month.")
-@click.option("--total-tokens", type=click.IntRange(min=0), help="Lifetime token budget.")
-@click.option("--max-output-tokens", type=click.IntRange(min=1), help="Largest output cap.")
+@click.option("--rpm", type=_range("rpm", 0), help="Requests per minute.")
+@click.option("--tpm", type=_range("tpm", 0), help="Tokens per minute.")
+@click.option("--concurrency", type=_range("concurrency", 0), help="Requests in flight.")
+@click.option("--daily-tokens", type=_range("daily_tokens", 0), help="Token budget per UTC day.")
+@click.option("--monthly-tokens", type=_range("monthly_tokens", 0), help="Per UTC month.")
+@click.option("--total-tokens", type=_range("total_tokens", 0), help="Lifetime token budget.")
+@click.option(
+    "--max-output-tokens", type=_range("max_output_tokens", 1), help="Largest output cap."
+)
 @click.option(
     "--max-keep-alive-seconds",
-    type=click.IntRange(min=1, max=2**31 - 1),
+    type=_range("max_keep_alive_seconds", 1),
     help="Longest keep_alive a client may ask for (unset: the client's is removed).",
 )
 @click.option(
     "--max-num-ctx",
-    type=click.IntRange(min=1, max=2**31 - 1),
+    type=_range("max_num_ctx", 1),
     help="Largest num_ctx a client may ask for (unset: the client's is removed).",
 )
 @click.option("--models", default=None, help="Allowed models, comma separated.")
 @click.option("--prompt-logging", type=click.Choice(["on", "off"]), default=None)
-@click.option("--prompt-retention-days", type=click.IntRange(min=1), default=None)
+@click.option("--prompt-retention-days", type=_range("prompt_retention_days", 1), default=None)
 @click.option(
     "--unset",
     multiple=True,
@@ -162,7 +170,7 @@ def usage(
         return {"live": live, "settled": settled}
 
     if tenant is not None and key is not None:
-        fail("give at most one of --tenant or --key")
+        bad_input("give at most one of --tenant or --key")
     found = run(action, redis=one_target)
     if as_json:
         print_json(found)

@@ -6,7 +6,9 @@ Every command takes `--json`. Errors are one line on stderr and a non-zero exit 
 from __future__ import annotations
 
 import datetime as dt
+import sys
 
+import click as plain_click
 import rich_click as click
 from rich.console import Console
 from rich.table import Table
@@ -15,15 +17,18 @@ from policyd.admin import accounts as admin
 from policyd.cli import audit as cli_audit
 from policyd.cli import limits as cli_limits
 from policyd.cli.base import (
-    fail,
+    EXIT_BAD_INPUT,
+    bad_input,
     has_setting,
     iso,
     json_option,
     need_redis,
+    one_line,
     parse_when,
     print_json,
     run,
 )
+from policyd.shared.bounds import MAX_EXPIRY_DAYS
 
 __all__ = ["main"]
 
@@ -33,10 +38,14 @@ def _short(value: dt.datetime | None) -> str:
 
 
 def parse_expiry(text: str, *, now: dt.datetime | None = None) -> dt.datetime:
-    """`30d`, `12h`, `2w`, a date (`2027-01-31`, end of that day UTC) or an ISO datetime."""
-    moment = parse_when(text, ahead=True, now=now)
+    """`30d`, `12h`, `2w`, a date (`2027-01-31`, end of that day UTC) or an ISO datetime,
+    at most `MAX_EXPIRY_DAYS` ahead."""
+    moment = parse_when(text, ahead=True, now=now, within_days=MAX_EXPIRY_DAYS)
     if moment is None:
-        fail(f"invalid expiry {text!r}: use e.g. 30d, 12h, 2027-01-31 or 2027-01-31T12:00:00Z")
+        bad_input(
+            f"invalid expiry {text!r}: use e.g. 30d, 12h, 2027-01-31 or 2027-01-31T12:00:00Z, "
+            f"at most {MAX_EXPIRY_DAYS} days ahead"
+        )
     return moment
 
 
@@ -156,6 +165,40 @@ for _command in (
     cli.add_command(_command)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the CLI on `args` (default: the command line); returns the exit code.
+
+    Click's own usage errors (a value out of an option's range, an unknown option) are
+    one line too, exit 2, like every bad value; no error ever prints a traceback.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if not all(_utf8(arg) for arg in argv):
+        # Bytes that are not UTF-8 reach Python as lone surrogates; no store takes them.
+        click.echo("error: every argument must be valid UTF-8 text", err=True)
+        return EXIT_BAD_INPUT
+    try:
+        cli.main(args=argv, prog_name="neuronetz-gateway", standalone_mode=False)
+    except plain_click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except plain_click.ClickException as exc:
+        click.echo(f"error: {one_line(exc.format_message())}", err=True)
+        return exc.exit_code if exc.exit_code else EXIT_BAD_INPUT
+    except plain_click.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
 def main() -> None:
     """Console-script entry point."""
-    cli()
+    sys.exit(run_cli())

@@ -37,6 +37,7 @@ __all__ = [
     "calendar_month",
     "load_script",
     "parse_grant",
+    "release_script",
     "settle_script",
 ]
 
@@ -117,7 +118,8 @@ class Grant:
     reserved: int | None = None
     #: policyd's count of the tokenisable content it admitted (prompt text, context ids,
     #: images, tools, system, template, suffix, format): the prompt part of `reserved`,
-    #: so meterd can estimate a streamed reply's prompt from it, never from raw bytes.
+    #: so meterd can estimate a streamed reply's prompt from it, never from raw bytes, and
+    #: the least a request whose body reached Ollama pays, even when its client left.
     prompt: int | None = None
     model: str | None = None
 
@@ -196,6 +198,11 @@ def admit_script() -> str:
 def load_script() -> str:
     """Lua source of the tenant counter rebuild (`policyd/shared/lua/load.lua`)."""
     return _lua("load.lua")
+
+
+def release_script() -> str:
+    """Lua source of the early lease release (`policyd/shared/lua/release.lua`)."""
+    return _lua("release.lua")
 
 
 def settle_script() -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "heartbeat",
     "key_record",
     "load_call",
+    "release_call",
     "reservation",
     "reservation_request_id",
     "scope_keys",
@@ -136,6 +137,14 @@ def admission_keys(
         f"{base}res:{request_id}",
         f"{base}loaded",
     ]
+
+
+def release_call(
+    *, tenant_id: str, key_id: str, request_id: str
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of `release.lua`: the request's key and tenant lease sets."""
+    base = tenant_base(tenant_id)
+    return [f"{base}conc:k:{key_id}", f"{base}conc:t"], [request_id]
 
 
 def settle_call(

@@ -89,12 +89,13 @@ async def test_audit_lists_filters_and_pages(
 
 
 async def test_audit_rejects_unknown_tenant_in_one_line(database_url: str) -> None:
-    """A bad filter is one readable error line and exit 1."""
+    """An unknown tenant is one readable error line and exit 1; a malformed filter value
+    is one line and exit 2 (bad operator input)."""
     done = await _cli(database_url, "audit", "--tenant", "nobody")
     assert done.returncode == 1
     assert done.stderr.strip() == "error: unknown tenant 'nobody'"
     bad = await _cli(database_url, "audit", "--status", "teapot")
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert "invalid status" in bad.stderr
 
 

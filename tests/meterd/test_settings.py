@@ -48,3 +48,11 @@ def test_every_problem_is_reported_at_once() -> None:
         "NZ_METERD_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR",
     ):
         assert expected in message
+
+
+def test_prompt_retention_is_bounded_and_leases_are_polled_often() -> None:
+    """The default retention may not exceed the stated maximum; the lease follower looks
+    for new lines every 50 ms unless told otherwise."""
+    assert load_settings(_VALID).lease_poll_s == 0.05
+    with pytest.raises(SettingsError, match="at most 3650"):
+        load_settings({**_VALID, "NZ_METERD_PROMPT_RETENTION_DAYS": "100000000"})

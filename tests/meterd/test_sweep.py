@@ -241,7 +241,7 @@ def test_settings_read_the_sweep_options() -> None:
         "NZ_ACCESS_LOG": "/var/log/caddy/access.log",
     }
     defaults = load_settings(env)
-    assert (defaults.sweep_every_s, defaults.sweep_grace_s) == (60.0, 120.0)
+    assert (defaults.sweep_every_s, defaults.sweep_grace_s) == (30.0, 30.0)
     tuned = load_settings({**env, "NZ_METERD_SWEEP_EVERY_S": "5", "NZ_METERD_SWEEP_GRACE_S": "0.5"})
     assert (tuned.sweep_every_s, tuned.sweep_grace_s) == (5.0, 0.5)
 

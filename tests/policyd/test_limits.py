@@ -16,9 +16,15 @@ from hypothesis import strategies as st
 from policyd.authz.limits import Limiter, effective_limits, next_day, next_month
 from policyd.authz.records import KeyRecord, Limits
 from policyd.authz.refusals import Reason
-from policyd.shared.contract import H_RATE_REQUESTS, H_RATE_TOKENS, load_script, settle_script
+from policyd.shared.contract import (
+    H_RATE_REQUESTS,
+    H_RATE_TOKENS,
+    load_script,
+    release_script,
+    settle_script,
+)
 from policyd.shared.errors import StoreFault, StoreUnavailable
-from policyd.shared.keyspace import load_call, settle_call, tenant_base
+from policyd.shared.keyspace import load_call, release_call, settle_call, tenant_base
 
 
 class Clock:
@@ -230,6 +236,41 @@ async def test_expired_lease_gives_the_slot_back(redis: aioredis.Redis) -> None:
     assert (await limiter.admit(rec, request_id="b", reserve=0)).refusal is not None
     clock.advance(5.001)
     assert (await limiter.admit(rec, request_id="c", reserve=0)).refusal is None
+
+
+async def test_admission_waits_briefly_for_a_lease_about_to_free(redis: aioredis.Redis) -> None:
+    """A concurrency refusal is asked again for up to the wait: a lease released meanwhile
+    (meterd reading the previous request's line) admits the request; none refuses it."""
+    rec = record(key=Limits(concurrency=1))
+
+    async def load_empty(rec: KeyRecord) -> None:
+        await redis.eval(load_script(), 1, f"{tenant_base(rec.tenant_id)}loaded", 0)
+
+    waiting = Limiter(
+        redis=redis,
+        load_tenant=load_empty,
+        lease_ttl_s=60,
+        timeout_s=2,
+        concurrency_wait_s=5,
+    )
+    assert (await waiting.admit(rec, request_id="first", reserve=0)).refusal is None
+    keys, args = release_call(tenant_id=rec.tenant_id, key_id=rec.key_id, request_id="first")
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.3)
+        assert await redis.eval(release_script(), len(keys), *keys, *args) == 1
+
+    releasing = asyncio.create_task(release_soon())
+    assert (await waiting.admit(rec, request_id="second", reserve=0)).refusal is None
+    await releasing
+    # Nothing frees the slot now: refused once the wait is over, having consumed nothing.
+    brief = Limiter(
+        redis=redis, load_tenant=load_empty, lease_ttl_s=60, timeout_s=2, concurrency_wait_s=0.2
+    )
+    refused = await brief.admit(rec, request_id="third", reserve=0)
+    assert refused.refusal is not None
+    assert refused.refusal.reason is Reason.CONCURRENCY
+    assert not await redis.exists(f"{tenant_base(rec.tenant_id)}res:third")
 
 
 async def settle(

@@ -136,3 +136,17 @@ def test_no_secret_in_the_settings_repr() -> None:
 )
 def test_redacted_url(url: str, shown: str) -> None:
     assert redacted_url(url) == shown
+
+
+def test_leases_are_sized_by_the_request_time_limit() -> None:
+    """A lease outlives the longest request Caddy lets run (NZ_MAX_REQUEST_S) by a margin
+    by default, and may never be shorter than it."""
+    settings = load_settings({**_VALID, "NZ_MAX_REQUEST_S": "120"})
+    assert settings.max_request_s == 120
+    assert settings.lease_ttl_s == 135
+    assert settings.concurrency_wait_s == 1.0
+    with pytest.raises(SettingsError, match="NZ_LEASE_TTL_S must be at least NZ_MAX_REQUEST_S"):
+        load_settings({**_VALID, "NZ_MAX_REQUEST_S": "120", "NZ_LEASE_TTL_S": "60"})
+    with pytest.raises(SettingsError, match="NZ_CONCURRENCY_WAIT_MS"):
+        load_settings({**_VALID, "NZ_CONCURRENCY_WAIT_MS": "99999999"})
+    assert load_settings({**_VALID, "NZ_CONCURRENCY_WAIT_MS": "0"}).concurrency_wait_s == 0
