@@ -540,6 +540,7 @@ async def run(settings: Settings) -> int:
             redis_url=settings.redis_url,
             redis=client,
             timeout_s=_REDIS_TIMEOUT_S,
+            locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
         )
         opened.push_async_callback(release.aclose)
         return await Daemon(settings, pool=pool, redis=client, script=script, release=release).run()
