@@ -354,6 +354,8 @@ class Daemon:
             records=len(batch.records),
             inserted=outcome.inserted,
         )
+        if outcome.quarantined:
+            metrics.count_quarantined(outcome.quarantined)
         if batch.records:
             self._last_started = max(r.event.started for r in batch.records).timestamp()
 

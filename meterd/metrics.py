@@ -34,6 +34,7 @@ __all__ = [
     "TOKENS",
     "TenantLabels",
     "count_lines",
+    "count_quarantined",
     "serve",
     "settled",
     "swept",
@@ -45,7 +46,8 @@ OTHER_TENANTS: Final = "other"
 LINES: Final = Counter(
     "nz_meterd_lines",
     "Access-log lines read, by result: settled (new audit row), duplicate (already "
-    "settled, e.g. a replay), bad (unreadable, skipped), skipped (probes).",
+    "settled, e.g. a replay), bad (unreadable, skipped), skipped (probes); quarantined "
+    "counts, among the settled, rows Postgres refused (audited as meter_quarantined).",
     ["result"],
 )
 TOKENS: Final = Counter(
@@ -98,6 +100,11 @@ def configure(*, tenant_limit: int) -> None:
     """Set the tenant rule (once, at start; tests set it too)."""
     global _tenants
     _tenants = TenantLabels(tenant_limit)
+
+
+def count_quarantined(count: int) -> None:
+    """Requests whose row Postgres refused, settled fail-closed (settle.py)."""
+    LINES.labels("quarantined").inc(max(count, 0))
 
 
 def count_lines(*, lines: int, bad: int, records: int, inserted: int) -> None:
