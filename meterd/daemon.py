@@ -529,22 +529,21 @@ async def run(settings: Settings) -> int:
             socket_connect_timeout=_REDIS_TIMEOUT_S,
         )
         opened.push_async_callback(client.aclose)
-        script = SettleScript(
-            source=contract.settle_script(),
-            redis_url=settings.redis_url,
-            redis=client,
-            timeout_s=_REDIS_TIMEOUT_S,
-            locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
-        )
-        opened.push_async_callback(script.aclose)
-        release = SettleScript(
-            source=contract.release_script(),
-            redis_url=settings.redis_url,
-            redis=client,
-            timeout_s=_REDIS_TIMEOUT_S,
-            locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
-        )
-        opened.push_async_callback(release.aclose)
+
+        def runner(source: str) -> SettleScript:
+            """A batch runner of one script on the (current primary) Redis, closed on exit."""
+            built = SettleScript(
+                source=source,
+                redis_url=settings.redis_url,
+                redis=client,
+                timeout_s=_REDIS_TIMEOUT_S,
+                locate=primary_locator(settings.sentinels, timeout_s=_REDIS_TIMEOUT_S),
+            )
+            opened.push_async_callback(built.aclose)
+            return built
+
+        script = runner(contract.settle_script())
+        release = runner(contract.release_script())
         return await Daemon(settings, pool=pool, redis=client, script=script, release=release).run()
 
 
