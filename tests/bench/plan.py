@@ -33,6 +33,10 @@ class Plan:
     #: Scenario 4: seconds of saturating traffic written while meterd is stopped. The
     #: backlog must span many of meterd's 500-line batches: the first is not timed.
     meterd_backlog_s: float
+    #: Scenarios 6 and 7: sequential requests on one connection, in blocks that
+    #: alternate between the targets compared.
+    sequential_blocks: int
+    sequential_block_size: int
     #: Scenario 5: calls timed per mode when measuring what the metrics cost a decision.
     metrics_iterations: int = 200_000
 
@@ -54,6 +58,8 @@ FULL = Plan(
     policyd_concurrency=8,
     miss_keys=24,
     meterd_backlog_s=16.0,
+    sequential_blocks=12,
+    sequential_block_size=100,
 )
 
 QUICK = attrs.evolve(
@@ -69,6 +75,8 @@ QUICK = attrs.evolve(
     policyd_s=1.5,
     miss_keys=6,
     meterd_backlog_s=5.0,
+    sequential_blocks=4,
+    sequential_block_size=50,
 )
 
 SMOKE = attrs.evolve(
@@ -90,4 +98,6 @@ SMOKE = attrs.evolve(
     miss_keys=2,
     metrics_iterations=20_000,
     meterd_backlog_s=1.0,
+    sequential_blocks=1,
+    sequential_block_size=5,
 )

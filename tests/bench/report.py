@@ -18,6 +18,12 @@ TARGETS: Final = (
     ("meterd_lines_per_s", ">=", 5000.0),
     ("meterd_lag_s_max", "<=", 1.0),
     ("metrics_us_per_decision", "<=", 20.0),
+    # Issue 11: writing the upstream body costs at most 0.2 ms at p50 (paired, sequential)...
+    ("normalisation_added_p50_ms.small_chat", "<=", 0.2),
+    ("normalisation_added_p50_ms.long_chat", "<=", 0.2),
+    # ...and /v1 costs no more than /api through the gateway (0.1 ms: the resolution of
+    # a paired sequential comparison on the shared development machine).
+    ("v1_minus_api_added_p50_ms", "<=", 0.1),
 )
 
 
@@ -41,6 +47,8 @@ def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
     small = scenarios.get("small") or {}
     streams = scenarios.get("streams") or {}
     meterd = scenarios.get("meterd") or {}
+    normalised = (scenarios.get("normalisation") or {}).get("added_ms") or {}
+    surfaces = (scenarios.get("surfaces") or {}).get("v1_minus_api_added_ms") or {}
     return {
         "added_latency_ms": small.get("added_latency_ms"),
         "throughput_ratio": small.get("throughput_ratio"),
@@ -49,6 +57,11 @@ def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
         "meterd_lines_per_s": (meterd.get("throughput") or {}).get("lines_per_s"),
         "meterd_lag_s_max": ((meterd.get("lag") or {}).get("lag_s") or {}).get("max"),
         "metrics_us_per_decision": _worst_metrics_cost(scenarios.get("metrics")),
+        "normalisation_added_p50_ms": {
+            label: added.get("p50_paired") for label, added in normalised.items()
+        }
+        or None,
+        "v1_minus_api_added_p50_ms": (surfaces.get("c_gateway") or {}).get("p50_paired"),
     }
 
 
@@ -91,6 +104,52 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [_row(header, widths), _row(["-" * w for w in widths], widths)] + [
         _row(r, widths) for r in rows
     ]
+
+
+def _side_by_side(scenarios: Mapping[str, Any]) -> list[str]:
+    """Scenarios 6 and 7: sequential p50 per body or path and target, CPU per request."""
+    lines: list[str] = []
+    titles = (
+        ("normalisation", "6. normalisation: the gateway with and without the upstream body"),
+        ("surfaces", "7. surfaces: /api/chat and /v1/chat/completions through each hop"),
+    )
+    for name, title in titles:
+        scenario = scenarios.get(name)
+        if not scenario:
+            continue
+        lines.append(
+            f"{title} (sequential, keep-alive, {scenario['blocks']} alternating blocks of "
+            f"{scenario['block_size']}), ms; cpu = µs per request by part"
+        )
+        rows = []
+        for label, targets in scenario["targets"].items():
+            for index, (target, result) in enumerate(targets.items()):
+                cpu = result["cpu_us_per_request"]
+                rows.append(
+                    [
+                        label if index == 0 else "",
+                        target,
+                        _fmt(result["latency_ms"]["p50"]),
+                        _fmt(result["latency_ms"]["p99"]),
+                        " ".join(f"{part} {us}" for part, us in cpu.items()),
+                        str(result["failures"]),
+                    ]
+                )
+        lines += _table(["request", "target", "p50", "p99", "cpu", "failed"], rows)
+        if name == "normalisation":
+            for label, added in scenario["added_ms"].items():
+                lines.append(
+                    f"added by normalisation, {label}: p50 {_fmt(added['p50_paired'])} "
+                    f"(paired), {_fmt(added['p50_pooled'])} (pooled)"
+                )
+        else:
+            for target, extra in scenario["v1_minus_api_added_ms"].items():
+                lines.append(
+                    f"/v1 minus /api, added over the stand-in by {target}: p50 "
+                    f"{_fmt(extra['p50_paired'])} (paired), {_fmt(extra['p50_pooled'])} (pooled)"
+                )
+        lines.append("")
+    return lines
 
 
 def render_table(results: Mapping[str, Any]) -> str:
@@ -245,10 +304,11 @@ def render_table(results: Mapping[str, Any]) -> str:
             f"several workers (multiprocess files) {_fmt(metrics['multiprocess_us'])}"
         )
         lines.append("")
+    lines += _side_by_side(scenarios)
     resources = results.get("resources") or {}
     if resources:
         lines.append(
-            "5. resident memory after the run, MiB: "
+            "8. resident memory after the run, MiB: "
             + ", ".join(f"{name} {_fmt(mib)}" for name, mib in resources["rss_mib"].items())
         )
         lines.append("")

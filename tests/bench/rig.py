@@ -7,7 +7,10 @@
 - a *paced* stand-in (a realistic token rate) behind a second gateway Caddy, sharing the
   stack's policyd, and behind a second bare Caddy: scenario 2 (c) and (b);
 - a gateway Caddy whose forward_auth asks a do-nothing responder (`null_auth.py`) in
-  front of the fast stand-in: 1 (b2), the floor of the auth hop.
+  front of the fast stand-in: 1 (b2), the floor of the auth hop;
+- for scenario 6, two more gateway Caddys in front of the fast stand-in, neither read by
+  meterd: one asks the stack's policyd (normalised), the other the same gateway without
+  the upstream-body route asking a policyd that writes no body (`untouched.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from compose.local.services import (
 from policyd.admin import accounts as admin
 from policyd.admin import limits as limits_admin
 from tests.bench.bare import bare_caddyfile
+from tests.bench.untouched import untouched_caddyfile
 
 __all__ = ["BenchRig", "RigConfig", "Target", "make_keys", "make_limited_key"]
 
@@ -147,6 +151,45 @@ class BenchRig:
                     name="caddy-null",
                 )
             )
+            self.gateway_normalised: Final = Service(
+                CaddyServer(
+                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-normalised",
+                    settings={
+                        "NZ_POLICYD_SOCKET": str(self.stack.policyd_socket),
+                        "NZ_OLLAMA_URL": self.stack.ollama_url,
+                        "NZ_ACCESS_LOG": str(logs / "access-normalised.log"),
+                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
+                    },
+                    name="caddy-normalised",
+                )
+            )
+            self.policyd_untouched: Final = Service(
+                PolicydServer(
+                    socket_path=self.base_dir / "policyd-untouched.sock",
+                    log_dir=logs,
+                    # The stack policyd's own settings: same stores, keys and secret.
+                    settings=self.stack.policyd.launcher.settings,
+                    max_body_bytes=self.stack.config.max_body_bytes,
+                    app="tests.bench.untouched:create_app",
+                    name="policyd-untouched",
+                )
+            )
+            self.gateway_untouched: Final = Service(
+                CaddyServer(
+                    caddyfile=untouched_caddyfile(self.base_dir / "caddy-untouched-config"),
+                    log_dir=logs,
+                    state_dir=self.base_dir / "caddy-untouched",
+                    settings={
+                        "NZ_POLICYD_SOCKET": str(self.policyd_untouched.launcher.socket_path),
+                        "NZ_OLLAMA_URL": self.stack.ollama_url,
+                        "NZ_ACCESS_LOG": str(logs / "access-untouched.log"),
+                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
+                    },
+                    name="caddy-untouched",
+                )
+            )
             self._extras = (
                 self.paced,
                 self.bare,
@@ -154,6 +197,9 @@ class BenchRig:
                 self.gateway_paced,
                 self.null_auth,
                 self.gateway_null,
+                self.gateway_normalised,
+                self.policyd_untouched,
+                self.gateway_untouched,
             )
         except BaseException:
             # Nothing has started yet; only the directory needs to go.
@@ -178,6 +224,13 @@ class BenchRig:
     def gateway(self) -> Target:
         """Scenario (c): the full gateway in front of the fast stand-in."""
         return Target(name="c_gateway", host="127.0.0.1", port=self.stack.caddy.launcher.port)
+
+    def normalisation_targets(self) -> tuple[Target, Target]:
+        """Scenario 6: the gateway whose policyd writes the upstream body, and without it."""
+        return (
+            Target(name="untouched", host="127.0.0.1", port=self.gateway_untouched.launcher.port),
+            Target(name="normalised", host="127.0.0.1", port=self.gateway_normalised.launcher.port),
+        )
 
     def stream_targets(self) -> tuple[Target, Target]:
         """Scenario 2 (b) and (c): bare Caddy and the gateway in front of the paced stand-in."""

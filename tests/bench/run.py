@@ -30,6 +30,7 @@ from tests.bench.report import headline, render_table, verdicts, write_json
 from tests.bench.resources import rss_mib
 from tests.bench.rig import BenchRig, RigConfig, make_keys
 from tests.bench.scenarios import small_requests, streams
+from tests.bench.sidebyside import normalisation, surfaces
 from tests.bench.workload import Workload
 
 __all__ = ["main", "run"]
@@ -87,6 +88,10 @@ def run(plan: Plan) -> dict[str, Any]:
         scenarios["streams"] = streams(rig, plan, work)
         _say("3. policyd alone")
         scenarios["policyd"] = policyd_alone(rig, plan, work)
+        _say("6. normalisation: with and without the upstream body")
+        scenarios["normalisation"] = normalisation(rig, plan, work)
+        _say("7. surfaces: /api and /v1 through each hop")
+        scenarios["surfaces"] = surfaces(rig, plan, work)
         _say("4. meterd")
         if lag is None:
             scenarios["meterd"] = {"throughput": None, "lag": None, "note": NOT_IN_STACK}

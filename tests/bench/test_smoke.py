@@ -50,8 +50,18 @@ def test_reports_the_figures_the_issue_names(smoke: dict[str, Any]) -> None:
         assert set(smoke[name]) >= {"p50", "p99"}
     assert smoke["throughput_ratio"] is not None
     assert "meterd_lines_per_s" in smoke
-    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd", "metrics"}
+    assert set(smoke["scenarios"]) == {
+        "small",
+        "streams",
+        "policyd",
+        "meterd",
+        "metrics",
+        "normalisation",
+        "surfaces",
+    }
     assert smoke["metrics_us_per_decision"] is not None
+    assert set(smoke["normalisation_added_p50_ms"]) >= {"small_chat", "long_chat"}
+    assert "v1_minus_api_added_p50_ms" in smoke
     assert set(smoke["resources"]["rss_mib"]) >= {"policyd", "caddy"}
 
 
@@ -66,6 +76,11 @@ def test_every_request_succeeded(smoke: dict[str, Any]) -> None:
     assert smoke["scenarios"]["policyd"]["hit"]["failures"] == 0
     assert smoke["scenarios"]["policyd"]["hit_limited"]["failures"] == 0
     assert smoke["scenarios"]["policyd"]["hit_long_chat"]["failures"] == 0
+    for name in ("normalisation", "surfaces"):
+        for targets in smoke["scenarios"][name]["targets"].values():
+            for result in targets.values():
+                assert result["failures"] == 0
+                assert result["latency_ms"]["p50"] is not None
 
 
 def test_argon2_runs_only_for_keys_policyd_has_not_seen(smoke: dict[str, Any]) -> None:

@@ -47,14 +47,19 @@ class Workload:
         return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
 
     @staticmethod
-    def long_chat() -> bytes:
+    def long_chat(*, stream: bool | None = None, reply_tokens: int = 64) -> bytes:
         """A native chat carrying a long conversation (~64 KiB): policyd decodes and reads
-        the whole body on every request, so this is where its cost grows."""
+        the whole body on every request, so this is where its cost grows. `stream` absent
+        (None) leaves Ollama's default, a stream."""
         turns = [
             {"role": "user" if i % 2 == 0 else "assistant", "content": _TURN_TEXT.format(i)}
             for i in range(_LONG_CHAT_TURNS)
         ]
-        return _json({"model": _MODEL, "messages": turns, "options": {"num_predict": 64}})
+        body: dict[str, object] = {"model": _MODEL, "messages": turns}
+        if stream is not None:
+            body["stream"] = stream
+        body["options"] = {"num_predict": reply_tokens}
+        return _json(body)
 
     def small(self) -> list[tuple[str, str, bytes]]:
         """(method, path, body) of the two small non-streamed requests, used in turn."""
