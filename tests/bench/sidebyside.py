@@ -2,10 +2,10 @@
 
 A difference of a tenth of a millisecond drowns in the drift of a shared machine when
 each target runs for seconds on its own. Here requests are sequential on one keep-alive
-connection (no queueing, so a latency is the path's own cost), in short blocks that
-alternate between the targets in a rotated order; each block gives a p50 per target,
-and the reported cost is the median over blocks of the paired differences (with the
-difference of the pooled p50s beside it).
+connection (no queueing, so a latency is the path's own cost), in short runs: each
+block runs every (request, target) cell once, in an order rotated per block; each block
+gives a p50 per cell, and a reported cost is the median over blocks of the paired
+differences (with the difference of the pooled p50s beside it).
 
 - 6. normalisation: the gateway whose policyd writes the body Ollama receives, against
   the same gateway without it (`untouched.py`), for a small chat and a 64 KiB conversation;
@@ -84,21 +84,23 @@ def _interleaved(
     failures: dict[str, dict[str, int]] = {
         label: {t.name: 0 for t in targets} for label in requests
     }
-    for label, by_target in requests.items():
-        for target in targets:  # warm-up: connections, caches, the key's record
-            asyncio.run(_block(target, by_target[target.name], max(2, block_size // 5)))
-        for number in range(blocks):
-            shift = number % len(targets)
-            for target in [*targets[shift:], *targets[:shift]]:
-                meter = CpuMeter(parts[target.name])
-                meter.start()
-                result = asyncio.run(_block(target, by_target[target.name], block_size))
-                for part, seconds in meter.stop().items():
-                    spent = cpu[label][target.name]
-                    spent[part] = spent.get(part, 0.0) + seconds
-                pooled[label][target.name].extend(result.latencies_ms)
-                block_p50s[label][target.name].append(percentile(result.latencies_ms, 50))
-                failures[label][target.name] += sum(result.failures.values())
+    # Every (request, target) cell runs once per block, in an order rotated per block, so
+    # both the targets and the requests compared see the same drift.
+    cells = [(label, target) for label in requests for target in targets]
+    for label, target in cells:  # warm-up: connections, caches, the key's record
+        asyncio.run(_block(target, requests[label][target.name], max(2, block_size // 5)))
+    for number in range(blocks):
+        shift = number % len(cells)
+        for label, target in [*cells[shift:], *cells[:shift]]:
+            meter = CpuMeter(parts[target.name])
+            meter.start()
+            result = asyncio.run(_block(target, requests[label][target.name], block_size))
+            for part, seconds in meter.stop().items():
+                spent = cpu[label][target.name]
+                spent[part] = spent.get(part, 0.0) + seconds
+            pooled[label][target.name].extend(result.latencies_ms)
+            block_p50s[label][target.name].append(percentile(result.latencies_ms, 50))
+            failures[label][target.name] += sum(result.failures.values())
     return {
         label: {
             name: {

@@ -29,9 +29,9 @@ from policyd.shared.contract import H_UPSTREAM_BODY
 __all__ = ["create_app", "untouched_caddyfile"]
 
 _CADDY_DIR: Final = REPO_ROOT / "caddy"
-#: The route that sets the upstream body, from its comment to the block's closing brace.
+#: The route that sets the upstream body, from its comment to the header's removal.
 _ROUTE_START: Final = "# Ollama receives the body policyd decided on"
-_ROUTE_END: Final = "\t\t}\n"
+_ROUTE_END: Final = f"\t\trequest_header -{H_UPSTREAM_BODY}\n"
 
 
 def _no_body(body: dict[str, Any]) -> str:
