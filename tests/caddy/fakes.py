@@ -124,7 +124,10 @@ class _RecordingHandler(BaseHTTPRequestHandler):
             headers=tuple(self.headers.items()),
             body=self._read_body(),
         )
-        self.recorder.add(seen)
+        # Caddy's active health checks (GET /api/version, marked) run on their own clock;
+        # the tests look at the requests clients caused.
+        if seen.header("X-Nz-Health-Check") is None:
+            self.recorder.add(seen)
         self.respond(seen)
 
     def respond(self, seen: SeenRequest) -> None:

@@ -14,9 +14,11 @@ import pytest
 
 from compose.local.cli_runner import run_cli
 from compose.local.parts import Stack
+from policyd.shared.contract import LOG_GRANT, parse_grant
 from tests.e2e.conftest import StandinLog, make_key
 from tests.e2e.test_admission import set_limits
 from tests.e2e.test_bodies import assert_refusal, post
+from tests.e2e.test_hygiene import log_line
 
 __all__: list[str] = []
 
@@ -306,12 +308,9 @@ def test_prompt_tokens_of_images_and_tools_reach_the_grant_and_ollama_counts_the
     reply = post(gateway, "/api/generate", json.dumps(body).encode(), key=api_key)
     assert reply.status_code == 200, reply.text
     assert reply.json()["prompt_eval_count"] > 2 * 500
-    grants = [
-        json.loads(line).get("nz_grant", "")
-        for line in stack.access_log.read_text(encoding="utf-8").splitlines()
-    ]
-    prompt = [g for g in grants if reply.headers["x-request-id"] and "prompt=" in g][-1]
-    assert int(prompt.split("prompt=")[1].split()[0]) >= 2 * 1024
+    # Wait for this request's line: Caddy writes it after the reply.
+    grant = parse_grant(log_line(stack, reply.headers["x-request-id"])[LOG_GRANT])
+    assert int(grant["prompt"]) >= 2 * 1024
 
 
 def test_non_ascii_and_the_body_header_stay_where_they_belong(
