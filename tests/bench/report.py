@@ -18,6 +18,7 @@ TARGETS: Final = (
     ("meterd_lines_per_s", ">=", 5000.0),
     ("meterd_lag_s_max", "<=", 1.0),
     ("metrics_us_per_decision", "<=", 20.0),
+    ("attack_p99_ratio", "<=", 2.0),
 )
 
 
@@ -49,6 +50,7 @@ def headline(scenarios: Mapping[str, Any]) -> dict[str, Any]:
         "meterd_lines_per_s": (meterd.get("throughput") or {}).get("lines_per_s"),
         "meterd_lag_s_max": ((meterd.get("lag") or {}).get("lag_s") or {}).get("max"),
         "metrics_us_per_decision": _worst_metrics_cost(scenarios.get("metrics")),
+        "attack_p99_ratio": (scenarios.get("attack") or {}).get("p99_ratio"),
     }
 
 
@@ -245,10 +247,13 @@ def render_table(results: Mapping[str, Any]) -> str:
             f"several workers (multiprocess files) {_fmt(metrics['multiprocess_us'])}"
         )
         lines.append("")
+    attack = scenarios.get("attack")
+    if attack:
+        lines += _attack_lines(attack)
     resources = results.get("resources") or {}
     if resources:
         lines.append(
-            "5. resident memory after the run, MiB: "
+            "7. resident memory after the run, MiB: "
             + ", ".join(f"{name} {_fmt(mib)}" for name, mib in resources["rss_mib"].items())
         )
         lines.append("")
@@ -258,3 +263,39 @@ def render_table(results: Mapping[str, Any]) -> str:
         mark = {True: "met", False: "MISSED", None: "not measured"}[verdict]
         lines.append(f"  {path} {op} {bound:g}: {_fmt(_lookup(results, path))} ({mark})")
     return "\n".join(lines)
+
+
+def _attack_lines(attack: Mapping[str, Any]) -> list[str]:
+    strength = attack["attack"]
+    lines = [
+        f"6. valid traffic ({attack['valid_rate']:g} req/s, open loop) beside "
+        f"{strength['junk_clients']} junk-body clients ({strength['junk_body_bytes']:,} B), "
+        f"{strength['wrong_secrets_per_s']:g} wrong secrets/s and "
+        f"{strength['slow_clients']} slow uploads, ms"
+    ]
+    rows = []
+    for name in ("baseline", "under_attack"):
+        phase = attack[name]
+        lat, first = phase["latency_ms"], phase["first_use_ms"]
+        rows.append(
+            [
+                name,
+                _fmt(lat["p50"]),
+                _fmt(lat["p99"]),
+                _fmt(first["p50"]),
+                _fmt(first["max"]),
+                str(phase["failures"]),
+            ]
+        )
+    lines += _table(["phase", "p50", "p99", "first use p50", "first use max", "failed"], rows)
+    lines.append(
+        f"p99 under attack / baseline: {_fmt(attack['p99_ratio'])}; Argon2id runs during an "
+        f"attack round: {_fmt(attack['argon2_runs_during_attack'])} (with the fresh keys' "
+        "first uses); attackers got "
+        + "; ".join(
+            f"{name} {dict(sorted(counts.items()))}"
+            for name, counts in attack["attack_outcomes"].items()
+        )
+    )
+    lines.append("")
+    return lines

@@ -50,7 +50,7 @@ def test_reports_the_figures_the_issue_names(smoke: dict[str, Any]) -> None:
         assert set(smoke[name]) >= {"p50", "p99"}
     assert smoke["throughput_ratio"] is not None
     assert "meterd_lines_per_s" in smoke
-    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd", "metrics"}
+    assert set(smoke["scenarios"]) == {"small", "streams", "policyd", "meterd", "metrics", "attack"}
     assert smoke["metrics_us_per_decision"] is not None
     assert set(smoke["resources"]["rss_mib"]) >= {"policyd", "caddy"}
 
@@ -74,6 +74,17 @@ def test_argon2_runs_only_for_keys_policyd_has_not_seen(smoke: dict[str, Any]) -
     assert alone["hit"]["argon2_runs"] == 0
     assert alone["miss"]["argon2_runs"] == alone["miss"]["keys"]
     assert alone["miss_then_hit"]["argon2_runs"] == 0
+
+
+def test_valid_traffic_is_served_beside_the_attack(smoke: dict[str, Any]) -> None:
+    """Scenario 5 runs both phases; every valid request succeeds, attackers are refused."""
+    attack = smoke["scenarios"]["attack"]
+    for phase in ("baseline", "under_attack"):
+        assert attack[phase]["failures"] == 0
+        assert attack[phase]["latency_ms"]["p99"] is not None
+    outcomes = attack["attack_outcomes"]
+    assert "200" not in outcomes["junk"]
+    assert set(outcomes["wrong_secret"]) <= {"401", "429"}
 
 
 def test_meterd_settles_the_backlog(smoke: dict[str, Any]) -> None:
