@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from policyd.authz.bounded import ExpiringSet
-from policyd.shared.keyspace import auth_failure, auth_failures
 from policyd.shared.errors import redis_failure
+from policyd.shared.keyspace import auth_failure, auth_failures
 
 __all__ = ["FailureMemory", "FailureState"]
 

@@ -11,8 +11,8 @@ from policyd.authz.keystore import KeyStore
 from policyd.authz.lastused import LastUsedTracker
 from policyd.authz.limits import Limiter
 from policyd.authz.settings import Settings
-from policyd.authz.upstreams import UpstreamPool
 from policyd.authz.stats import Stats
+from policyd.authz.upstreams import UpstreamPool
 
 __all__ = ["Services"]
 
