@@ -1,8 +1,12 @@
-"""The decision for one forward_auth call: path and body, key, key policy, admission.
+"""The decision for one forward_auth call: path, key, body, key policy, admission.
 
 `decide_authz` turns forward_auth's headers into a `Verdict`; `fastpath` serves it without
 a web framework (it is the hot path). The rules themselves live in `screening` (path,
 body, key policy, the grant), `keystore` (the key) and `limits` (admission).
+
+Order is by cost: the path and the key need only headers, so they come first; the body
+(up to megabytes of base64 JSON) is decoded and parsed only for a verified key, so an
+unauthenticated flood with junk bodies costs a header check, not a parse.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from policyd.authz.listing import (
     filtered_listing,
     merged_listing,
 )
+from policyd.authz.records import KeyRecord
 from policyd.authz.refusals import Reason, Refusal, render
 from policyd.authz.screening import (
     Screened,
@@ -28,14 +33,15 @@ from policyd.authz.screening import (
     check_key_policy,
     normalised_body,
     reservation,
-    screen_request,
+    screen_body,
+    screen_target,
 )
 from policyd.authz.services import Services
 from policyd.authz.upstreams import RouteKind
 from policyd.shared.contract import H_LISTING, H_ROUTE, Surface
 from policyd.shared.errors import StoreUnavailable
 
-__all__ = ["Verdict", "decide_authz"]
+__all__ = ["Verdict", "decide_authz", "decide_key"]
 
 _log = logging.getLogger("policyd.authz")
 
@@ -63,6 +69,50 @@ def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
     return Verdict(status, headers, body, code=refusal.reason.value, surface=surface)
 
 
+async def _verified_key(
+    services: Services, screened: Screened, authorization: str | None, request_id: str
+) -> KeyRecord | Verdict:
+    """The key's record once path and key pass (headers only, no body), else the refusal."""
+    if screened.refusal is not None:
+        _log.info("refused %s: %s", request_id, screened.refusal.reason)
+        return _refused(screened.refusal, screened.surface, request_id)
+    try:
+        result = await services.keys.authenticate(authorization)
+    except StoreUnavailable as exc:
+        metrics.store_error(exc)
+        _log.warning("failing closed for %s: %s", request_id, exc)
+        return _refused(_UNAVAILABLE, screened.surface, request_id)
+    if result.record is None:
+        assert result.refusal is not None
+        _log.info("refused %s: %s", request_id, result.refusal)
+        retry = (
+            () if result.retry_after_s is None else (("retry-after", str(result.retry_after_s)),)
+        )
+        refusal = Refusal(
+            reason=result.refusal, message=_AUTH_MESSAGES[result.refusal], headers=retry
+        )
+        return _refused(refusal, screened.surface, request_id)
+    return result.record
+
+
+async def decide_key(
+    services: Services,
+    *,
+    method: str,
+    target: str,
+    authorization: str | None,
+    request_id: str,
+) -> Verdict:
+    """Path and key only, asked before Caddy reads a body: 204, or the client's refusal.
+
+    Admits nothing: the request still needs `decide_authz` (which finds the key in the
+    process cache) before it may go upstream.
+    """
+    screened = screen_target(method, target)
+    verified = await _verified_key(services, screened, authorization, request_id)
+    return verified if isinstance(verified, Verdict) else Verdict(204, [], surface=screened.surface)
+
+
 async def decide_authz(
     services: Services,
     *,
@@ -78,29 +128,22 @@ async def decide_authz(
     X-Nz-Body, Authorization and X-Request-Id.
     """
     settings = services.settings
-    screened = screen_request(
-        method,
-        target,
+    screened = screen_target(method, target)
+    verified = await _verified_key(services, screened, authorization, request_id)
+    if isinstance(verified, Verdict):
+        return verified
+    record = verified
+    services.last_used.touch(record.key_id)
+    services.stats.bodies_screened += 1
+    screened = screen_body(
+        screened,
         body,
         max_body_bytes=settings.max_body_bytes,
         image_tokens=settings.image_tokens,
     )
     if screened.refusal is not None:
-        _log.info("refused %s: %s", request_id, screened.refusal.reason)
+        _log.info("refused %s for key %s: %s", request_id, record.prefix, screened.refusal.reason)
         return _refused(screened.refusal, screened.surface, request_id)
-    try:
-        result = await services.keys.authenticate(authorization)
-    except StoreUnavailable as exc:
-        metrics.store_error(exc)
-        _log.warning("failing closed for %s: %s", request_id, exc)
-        return _refused(_UNAVAILABLE, screened.surface, request_id)
-    if result.record is None:
-        assert result.refusal is not None
-        _log.info("refused %s: %s", request_id, result.refusal)
-        refusal = Refusal(reason=result.refusal, message=_AUTH_MESSAGES[result.refusal])
-        return _refused(refusal, screened.surface, request_id)
-    record = result.record
-    services.last_used.touch(record.key_id)
     policy_refusal = check_key_policy(screened, record)
     if policy_refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
@@ -174,4 +217,7 @@ _AUTH_MESSAGES: Final = {
     Reason.INVALID_KEY: "invalid API key",
     Reason.REVOKED_KEY: "this API key has been revoked",
     Reason.EXPIRED_KEY: "this API key has expired",
+    Reason.KEY_THROTTLED: (
+        "too many failed verifications for this API key prefix; retry after the delay given"
+    ),
 }

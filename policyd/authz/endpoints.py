@@ -59,7 +59,15 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
 async def statsz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Counters for benchmarks and operators; only on the socket (Caddy never routes here)."""
     services = _services(request)
-    body = {"argon2_runs": services.keys.argon2_runs}
+    keys = services.keys
+    body = {
+        "argon2_runs": keys.argon2_runs,
+        "argon2_pads": keys.lanes.pads,
+        "argon2_throttled": keys.lanes.throttled,
+        "auth_failures_remembered": keys.failures_remembered,
+        "auth_failures_over_budget": keys.failures_over_budget,
+        "bodies_screened": services.stats.bodies_screened,
+    }
     return Response(content=msgspec.json.encode(body), media_type=_JSON)
 
 

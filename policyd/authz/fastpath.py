@@ -1,6 +1,7 @@
 """The ASGI application Granian serves: `/authz` directly, everything else via Litestar.
 
-Every proxied request costs one `/authz` call, so it skips the framework: no routing
+Every proxied request costs one `/authz` call (and a `/authz/key` call first when Caddy
+has no cheap bound for its body), so both skip the framework: no routing
 table, signature model, middleware stack or response object, just five headers read
 from the scope and two ASGI messages sent. Profiling showed Litestar's share of a
 decision larger than the decision itself. The probes and `/statsz` stay in Litestar,
@@ -17,9 +18,9 @@ from typing import Any, Final
 from litestar import Litestar
 
 from policyd.authz import metrics
-from policyd.authz.decision import decide_authz
+from policyd.authz.decision import decide_authz, decide_key
 from policyd.authz.services import Services
-from policyd.shared.contract import AUTHZ_PATH, H_BODY, H_REQUEST_ID
+from policyd.shared.contract import AUTHZ_KEY_PATH, AUTHZ_PATH, H_BODY, H_REQUEST_ID
 
 __all__ = ["PolicyApp"]
 
@@ -42,6 +43,7 @@ _WANTED: Final = {
     H_BODY.lower().encode(): _BODY,
     H_REQUEST_ID.lower().encode(): _REQUEST_ID,
 }
+_AUTHZ_PATHS: Final = frozenset({AUTHZ_PATH, AUTHZ_KEY_PATH})
 _NOT_ALLOWED: Final = {
     "type": "http.response.start",
     "status": 405,
@@ -58,7 +60,7 @@ class PolicyApp:
         self._services: Services | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == AUTHZ_PATH:
+        if scope["type"] == "http" and scope["path"] in _AUTHZ_PATHS:
             await self._authz(scope, send)
         else:
             await self.litestar(scope, receive, send)  # type: ignore[arg-type]
@@ -84,21 +86,32 @@ class PolicyApp:
         )
         started = time.perf_counter()
         try:
-            verdict = await decide_authz(
-                self._services_now(),
-                method=method or "",
-                target=target or "",
-                body=body,
-                authorization=authorization,
-                request_id=request_id or "",
-            )
+            if scope["path"] == AUTHZ_KEY_PATH:
+                verdict = await decide_key(
+                    self._services_now(),
+                    method=method or "",
+                    target=target or "",
+                    authorization=authorization,
+                    request_id=request_id or "",
+                )
+            else:
+                verdict = await decide_authz(
+                    self._services_now(),
+                    method=method or "",
+                    target=target or "",
+                    body=body,
+                    authorization=authorization,
+                    request_id=request_id or "",
+                )
         except Exception as exc:
             # A bug, not a store outage (those are 503 refusals): refuse, never allow.
             metrics.failed(exc, time.perf_counter() - started)
             _log.exception("deciding %s failed", request_id or "a request")
             await _respond(send, 500, [("content-type", "application/json")], _FAILED)
             return
-        metrics.decided(verdict.code, verdict.surface, time.perf_counter() - started)
+        # A passed key check decides nothing: the request's /authz call is counted.
+        if verdict.code is not None or scope["path"] != AUTHZ_KEY_PATH:
+            metrics.decided(verdict.code, verdict.surface, time.perf_counter() - started)
         await _respond(send, verdict.status, verdict.headers, verdict.body)
 
 

@@ -4,6 +4,11 @@ The hot path compares a keyed digest in constant time; Argon2id runs only when n
 cache holds the key, and never for a prefix Postgres does not know. Every store failure
 becomes `StoreUnavailable`, which the caller turns into a 503: nothing is ever allowed
 because a store could not answer.
+
+Secrets that are not a cached valid key go through `failures` (a failed secret is
+remembered, a prefix has a failure budget) and `argon2lanes` (failures cannot take the
+clean lane; refusals that need no hash are padded to a hash's duration), so a flood of
+wrong secrets neither burns Argon2id nor tells which prefixes exist.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from policyd.authz import metrics
+from policyd.authz.argon2lanes import Argon2Lanes
+from policyd.authz.bounded import ExpiringSet
+from policyd.authz.failures import FailureMemory
 from policyd.authz.records import KeyRecord, Limits, decode_record, encode_record, limits_from_row
 from policyd.authz.refusals import Reason
 from policyd.authz.settings import Settings
 from policyd.shared.errors import redis_failure, sql_failure
-from policyd.shared.keys import keyed_digest, parse_key, verify_key_hash
+from policyd.shared.keys import keyed_digest, parse_key
 from policyd.shared.keyspace import key_record
 from policyd.shared.resp import RespClient
 from policyd.shared.tables import LIMIT_COLUMNS, api_keys, tenants
@@ -38,8 +46,8 @@ _log = logging.getLogger("policyd.authz.keystore")
 
 #: Redis value remembering "no such prefix" for a short while.
 _UNKNOWN: Final = b"-"
-#: Argon2id is CPU-bound; bound how many run at once so misses cannot starve the loop.
-_ARGON2_SLOTS: Final = 2
+#: Unknown prefixes a process remembers itself (for `key_cache_ttl_s`) at most.
+_UNKNOWN_ENTRIES: Final = 10_000
 
 
 # Stand-in for "Redis knows this prefix does not exist": its digest matches nothing.
@@ -62,6 +70,8 @@ class AuthResult:
 
     record: KeyRecord | None
     refusal: Reason | None = None
+    #: For a throttled prefix: seconds until verification is tried again.
+    retry_after_s: int | None = None
 
 
 def key_lookup_query(prefix: str) -> sa.Select[tuple[object, ...]]:
@@ -101,8 +111,22 @@ class KeyStore:
         self._hot = hot
         self._engine = engine
         self._local: dict[str, tuple[float, KeyRecord]] = {}
-        self._argon2 = asyncio.Semaphore(_ARGON2_SLOTS)
-        self.argon2_runs = 0  # exposed for tests and benchmarks
+        self._unknown: ExpiringSet[str] = ExpiringSet(limit=_UNKNOWN_ENTRIES)
+        self.lanes: Final = Argon2Lanes(suspect_per_s=settings.auth_suspect_per_s)
+        self._failures = FailureMemory(
+            redis=redis,
+            memory_s=settings.auth_failure_memory_s,
+            window_s=settings.auth_failure_window_s,
+            budget=settings.auth_failure_budget,
+            timeout_s=settings.store_timeout_s,
+        )
+        self.failures_remembered = 0  # refused: this exact secret already failed
+        self.failures_over_budget = 0  # refused: the prefix spent its failure budget
+
+    @property
+    def argon2_runs(self) -> int:
+        """Argon2id hashes this process ran (exposed for tests and benchmarks)."""
+        return self.lanes.runs
 
     async def authenticate(self, authorization: str | None) -> AuthResult:
         """Verify an `Authorization` header value; raises StoreUnavailable on store failure."""
@@ -116,14 +140,12 @@ class KeyStore:
             return AuthResult(None, Reason.MALFORMED_KEY)
         digest = keyed_digest(self._settings.key_hmac_secret, parsed.full)
         record = await self._cached(parsed.prefix)
-        if record is None:
-            record = await self._verify_from_postgres(parsed.prefix, parsed.full, digest)
-            if record is None:
-                return AuthResult(None, Reason.INVALID_KEY)
-        # The cached digest is of the one valid key for this prefix: any other key
-        # with the same prefix is wrong, and needs no Argon2 to tell.
-        if not hmac.compare_digest(record.digest, digest):
-            return AuthResult(None, Reason.INVALID_KEY)
+        # The cached digest is of the one valid key for this prefix (the hot path).
+        if record is None or not hmac.compare_digest(record.digest, digest):
+            found = await self._unverified(parsed.prefix, parsed.full, digest, record)
+            if found.record is None:
+                return found
+            record = found.record
         if record.revoked:
             return AuthResult(None, Reason.REVOKED_KEY)
         if record.expires_at is not None and time.time() >= record.expires_at:
@@ -136,6 +158,9 @@ class KeyStore:
         if hit is not None and now - hit[0] < self._settings.key_cache_ttl_s:
             metrics.key_cache("process", hit=True)
             return hit[1]
+        if self._unknown.left_s(prefix):
+            metrics.key_cache("process", hit=True)
+            return _UNKNOWN_RECORD
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
                 if self._hot is not None:
@@ -149,6 +174,9 @@ class KeyStore:
             self._local.pop(prefix, None)
             return None
         if raw == _UNKNOWN:
+            # Kept in-process like a key (bounded: a spray of prefixes cannot grow it), so
+            # repeated probes cost no Redis round trip.
+            self._unknown.add(prefix, for_s=self._settings.key_cache_ttl_s)
             return _UNKNOWN_RECORD
         try:
             record = decode_record(raw)
@@ -158,7 +186,42 @@ class KeyStore:
         self._local[prefix] = (now, record)
         return record
 
-    async def _verify_from_postgres(self, prefix: str, full: str, digest: str) -> KeyRecord | None:
+    async def _unverified(
+        self, prefix: str, full: str, digest: str, cached: KeyRecord | None
+    ) -> AuthResult:
+        """A secret that is not the cached valid key: Argon2id at most once, in its lane.
+
+        `cached` is the prefix's cache entry when there is one (another secret's record,
+        or the unknown-prefix marker); then no hash can make this secret valid.
+        """
+        seen = await self._failures.look(prefix, digest)
+        if seen.remembered:
+            self.failures_remembered += 1
+            return AuthResult(None, Reason.INVALID_KEY)
+        if seen.failures >= self._settings.auth_failure_budget:
+            self.failures_over_budget += 1
+            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=max(seen.window_left_s, 1))
+        if seen.failures > 0 and not self.lanes.take_suspect_token():
+            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=1)
+        attempt = await self._failures.admit(prefix)
+        if attempt > self._settings.auth_failure_budget:
+            # Concurrent requests got here first and spent the budget.
+            self.failures_over_budget += 1
+            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=1)
+        # Only the prefix's first check in a window takes the clean lane.
+        suspect = attempt > 1
+        if cached is None:
+            record = await self._verify_from_postgres(prefix, full, digest, suspect=suspect)
+            if record is not None:
+                return AuthResult(record)
+        else:
+            await self.lanes.pad(suspect=suspect)
+        await self._failures.remember(prefix, digest)
+        return AuthResult(None, Reason.INVALID_KEY)
+
+    async def _verify_from_postgres(
+        self, prefix: str, full: str, digest: str, *, suspect: bool
+    ) -> KeyRecord | None:
         try:
             async with asyncio.timeout(self._settings.store_timeout_s):
                 async with self._engine.connect() as conn:
@@ -167,12 +230,10 @@ class KeyStore:
             raise sql_failure(exc) from exc
         if row is None:
             await self._remember_unknown(prefix)
+            # As long as a wrong secret for a known prefix would take.
+            await self.lanes.pad(suspect=suspect)
             return None
-        async with self._argon2:
-            self.argon2_runs += 1
-            metrics.argon2_run()
-            valid = await asyncio.to_thread(verify_key_hash, row.secret_hash, full)
-        if not valid:
+        if not await self.lanes.verify(row.secret_hash, full, suspect=suspect):
             return None
         record = KeyRecord(
             key_id=str(row.id),

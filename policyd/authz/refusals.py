@@ -25,6 +25,7 @@ class Reason(enum.StrEnum):
     INVALID_KEY = "invalid_api_key"
     REVOKED_KEY = "revoked_api_key"
     EXPIRED_KEY = "expired_api_key"
+    KEY_THROTTLED = "api_key_verification_throttled"
     FORBIDDEN_PATH = "forbidden_path"
     UNKNOWN_PATH = "unknown_endpoint"
     METHOD = "method_not_allowed"
@@ -50,6 +51,7 @@ _STATUS: Final = {
     Reason.INVALID_KEY: 401,
     Reason.REVOKED_KEY: 401,
     Reason.EXPIRED_KEY: 401,
+    Reason.KEY_THROTTLED: 429,
     Reason.FORBIDDEN_PATH: 403,
     Reason.CLOUD_MODEL: 403,
     Reason.UNKNOWN_PATH: 404,

@@ -1,8 +1,10 @@
 """The decision core: path and body rules, no I/O.
 
-`screen_request` runs before authentication and needs nothing but the request; the
-caller authenticates, then `admit` turns a verified key plus the screened request into
-the headers Caddy copies upstream.
+`screen_target` (method and path) runs before authentication; `screen_body` (decoding
+and parsing X-Nz-Body, the expensive part) only after the key is verified, so an
+unauthenticated flood costs a header check, not a parse. `screen_request` is both in
+one. `admit` turns a verified key plus the screened request into the headers Caddy
+copies upstream.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ __all__ = [
     "normalised_body",
     "reservation",
     "runtime_policy",
+    "screen_body",
     "screen_request",
+    "screen_target",
 ]
 
 # Printable ASCII without spaces: model names travel in headers and log fields.
@@ -113,6 +117,16 @@ def screen_request(
     image_tokens: int = 1024,
 ) -> Screened:
     """Apply the path allowlist and read the body; refuse what must not go upstream."""
+    screened = screen_target(method, target)
+    if screened.refusal is not None:
+        return screened
+    return screen_body(
+        screened, body_header, max_body_bytes=max_body_bytes, image_tokens=image_tokens
+    )
+
+
+def screen_target(method: str, target: str) -> Screened:
+    """Apply the method and path allowlist: headers only, cheap enough before the key."""
     surface = surface_of(target)
     verdict = classify_target(method, target)
     if verdict.endpoint is None:
@@ -140,7 +154,16 @@ def screen_request(
                 Reason.CLOUD_MODEL,
                 f"cloud models are not available through this gateway: {model!r}",
             )
-        return Screened(surface, endpoint, None)
+    return Screened(surface, endpoint, None)
+
+
+def screen_body(
+    screened: Screened, body_header: str | None, *, max_body_bytes: int, image_tokens: int = 1024
+) -> Screened:
+    """Decode and parse the body of a request `screen_target` passed (for a verified key)."""
+    surface, endpoint = screened.surface, screened.endpoint
+    if endpoint is None or endpoint.kind is EndpointKind.INFO:
+        return screened
     raw = decode_body_header(body_header, max_body_bytes=max_body_bytes)
     if isinstance(raw, Refusal):
         return Screened(surface, None, None, raw)

@@ -11,6 +11,7 @@ from policyd.authz.keystore import KeyStore
 from policyd.authz.lastused import LastUsedTracker
 from policyd.authz.limits import Limiter
 from policyd.authz.settings import Settings
+from policyd.authz.stats import Stats
 from policyd.authz.upstreams import UpstreamPool
 
 __all__ = ["Services"]
@@ -28,3 +29,4 @@ class Services:
     limiter: Limiter
     last_used: LastUsedTracker
     upstreams: UpstreamPool
+    stats: Stats = attrs.field(factory=Stats)

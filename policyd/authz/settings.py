@@ -66,6 +66,15 @@ class Settings:
     default_output_tokens: int = 1024
     #: How often each host's `/api/tags` is read (which models it serves).
     upstream_refresh_s: float = 5.0
+    #: How long a failed (prefix, secret) is remembered: it never reaches Argon2id twice.
+    auth_failure_memory_s: int = 600
+    #: The window in which a prefix's failed secrets are counted against its budget.
+    auth_failure_window_s: int = 60
+    #: Unverified secrets checked per prefix and window; then the prefix's unverified
+    #: secrets are refused (429) without Argon2id until the window ends.
+    auth_failure_budget: int = 10
+    #: Argon2id hashes a second (per process) for prefixes that failed recently.
+    auth_suspect_per_s: float = 4.0
     log_level: str = "INFO"
 
     @property
@@ -105,6 +114,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         read.errors.append("NZ_DEFAULT_OUTPUT_TOKENS must be between 1 and 1048576")
     if not 0 <= image_tokens <= 1_000_000:
         read.errors.append("NZ_IMAGE_TOKENS must be between 0 and 1000000")
+    failure_memory = read.number("NZ_AUTH_FAILURE_MEMORY_S", 600, integer=True)
+    failure_window = read.number("NZ_AUTH_FAILURE_WINDOW_S", 60, integer=True)
+    failure_budget = read.number("NZ_AUTH_FAILURE_BUDGET", 10, integer=True)
+    suspect_rate = read.number("NZ_AUTH_SUSPECT_PER_S", 4.0)
     if read.errors:
         raise SettingsError("invalid configuration: " + "; ".join(read.errors))
     return Settings(
@@ -123,4 +136,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         image_tokens=int(image_tokens),
         default_output_tokens=int(default_output),
+        auth_failure_memory_s=int(failure_memory),
+        auth_failure_window_s=int(failure_window),
+        auth_failure_budget=int(failure_budget),
+        auth_suspect_per_s=suspect_rate,
     )

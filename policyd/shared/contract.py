@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Final
 
 __all__ = [
+    "AUTHZ_KEY_PATH",
     "AUTHZ_PATH",
     "COPIED_HEADERS",
     "H_BODY",
@@ -43,6 +44,9 @@ __all__ = [
 
 #: Where Caddy's forward_auth asks policyd.
 AUTHZ_PATH: Final = "/authz"
+#: Where Caddy asks policyd about path and key alone, before it reads a body it has no
+#: cheap bound for (no key-shaped token, or not a small declared length).
+AUTHZ_KEY_PATH: Final = "/authz/key"
 
 #: Request header Caddy fills with `{http.request.body_base64}` for policyd only.
 H_BODY: Final = "X-Nz-Body"

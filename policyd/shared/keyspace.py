@@ -10,6 +10,8 @@ Layout (every key of one tenant carries the hash tag `{t:<tenant id>}`, so a ten
 scripts touch one slot):
 
     nz:key:{<prefix>}                       cached record of an API key (policyd)
+    nz:authfail:{<prefix>}:<digest>         a failed secret for a prefix, by keyed digest
+    nz:authfails:{<prefix>}                 a prefix's verifications in the failure window
     nz:{t:<tenant>}:rpm:k:<key id>          request window of a key   (rpm:t: the tenant's)
     nz:{t:<tenant>}:tpm:k:<key id>          token window              (tpm:t)
     nz:{t:<tenant>}:conc:k:<key id>         concurrency leases        (conc:t)
@@ -36,6 +38,8 @@ __all__ = [
     "RESERVATION_PATTERN",
     "BudgetCounter",
     "admission_keys",
+    "auth_failure",
+    "auth_failures",
     "heartbeat",
     "key_record",
     "load_call",
@@ -73,6 +77,16 @@ BudgetCounter = tuple[str, int, int]
 def key_record(prefix: str) -> str:
     """The cached record of an API key, by its public prefix."""
     return f"nz:key:{{{prefix}}}"
+
+
+def auth_failure(prefix: str, digest: str) -> str:
+    """One failed (prefix, secret), by the key's keyed digest (never the secret itself)."""
+    return f"nz:authfail:{{{prefix}}}:{digest[:32]}"
+
+
+def auth_failures(prefix: str) -> str:
+    """A prefix's verifications counted in the current failure window."""
+    return f"nz:authfails:{{{prefix}}}"
 
 
 def heartbeat(node: str) -> str:

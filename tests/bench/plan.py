@@ -39,6 +39,16 @@ class Plan:
     sequential_block_size: int
     #: Scenario 5: calls timed per mode when measuring what the metrics cost a decision.
     metrics_iterations: int = 200_000
+    #: Scenario 6: the valid key's small requests at `attack_valid_rate`/s for
+    #: `attack_s`, alone and beside the attack (issue 13's strength in the full plan),
+    #: plus the first request of `attack_first_uses` fresh keys in each phase.
+    attack_valid_rate: float
+    attack_s: float
+    attack_junk_clients: int
+    attack_wrong_per_s: float
+    attack_slow_clients: int
+    attack_slow_gap_s: float
+    attack_first_uses: int
 
 
 FULL = Plan(
@@ -60,6 +70,13 @@ FULL = Plan(
     meterd_backlog_s=16.0,
     sequential_blocks=12,
     sequential_block_size=100,
+    attack_valid_rate=20.0,
+    attack_s=20.0,
+    attack_junk_clients=4,
+    attack_wrong_per_s=60.0,
+    attack_slow_clients=10,
+    attack_slow_gap_s=2.0,
+    attack_first_uses=4,
 )
 
 QUICK = attrs.evolve(
@@ -77,6 +94,8 @@ QUICK = attrs.evolve(
     meterd_backlog_s=5.0,
     sequential_blocks=4,
     sequential_block_size=50,
+    attack_s=5.0,
+    attack_first_uses=2,
 )
 
 SMOKE = attrs.evolve(
@@ -100,4 +119,11 @@ SMOKE = attrs.evolve(
     meterd_backlog_s=1.0,
     sequential_blocks=1,
     sequential_block_size=5,
+    attack_valid_rate=10.0,
+    attack_s=0.5,
+    attack_junk_clients=1,
+    attack_wrong_per_s=5.0,
+    attack_slow_clients=1,
+    attack_slow_gap_s=0.2,
+    attack_first_uses=1,
 )

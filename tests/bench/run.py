@@ -21,6 +21,7 @@ from typing import Any, Final
 import attrs
 
 from compose.local.services import REPO_ROOT
+from tests.bench.attack import under_attack
 from tests.bench.load import wrk_binary, wrk_script
 from tests.bench.metering import NOT_IN_STACK, LagSamples, meterd_throughput
 from tests.bench.metrics_cost import metrics_cost
@@ -100,6 +101,8 @@ def run(plan: Plan) -> dict[str, Any]:
                 "throughput": meterd_throughput(rig, plan, script=script),
                 "lag": lag.report(),
             }
+        _say("6. valid traffic under attack")
+        scenarios["attack"] = under_attack(rig, plan, work)
         rss = {name: round(rss_mib(handle), 1) for name, handle in rig.handles().items()}
         _say("stopping the parts")
     _say("5. what the metrics add to a decision (in-process)")

@@ -58,6 +58,7 @@ def test_reports_the_figures_the_issue_names(smoke: dict[str, Any]) -> None:
         "metrics",
         "normalisation",
         "surfaces",
+        "attack",
     }
     assert smoke["metrics_us_per_decision"] is not None
     assert set(smoke["normalisation_added_p50_ms"]) >= {"small_chat", "long_chat"}
@@ -89,6 +90,17 @@ def test_argon2_runs_only_for_keys_policyd_has_not_seen(smoke: dict[str, Any]) -
     assert alone["hit"]["argon2_runs"] == 0
     assert alone["miss"]["argon2_runs"] == alone["miss"]["keys"]
     assert alone["miss_then_hit"]["argon2_runs"] == 0
+
+
+def test_valid_traffic_is_served_beside_the_attack(smoke: dict[str, Any]) -> None:
+    """Scenario 5 runs both phases; every valid request succeeds, attackers are refused."""
+    attack = smoke["scenarios"]["attack"]
+    for phase in ("baseline", "under_attack"):
+        assert attack[phase]["failures"] == 0
+        assert attack[phase]["latency_ms"]["p99"] is not None
+    outcomes = attack["attack_outcomes"]
+    assert "200" not in outcomes["junk"]
+    assert set(outcomes["wrong_secret"]) <= {"401", "429"}
 
 
 def test_meterd_settles_the_backlog(smoke: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "gateway_handlers",
     "gateway_server",
     "is_forward_auth",
+    "is_key_gate",
     "is_ollama_proxy",
     "metrics_server",
 ]
@@ -85,12 +86,26 @@ def gateway_handlers(config: JsonObject) -> list[tuple[JsonObject, list[JsonObje
     return walked
 
 
-def is_forward_auth(handler: JsonObject) -> bool:
-    """forward_auth adapts to a reverse_proxy that rewrites the request to GET /authz."""
+def _asks_policyd(handler: JsonObject) -> bool:
+    # forward_auth adapts to a reverse_proxy that rewrites the request to GET /authz.
     rewrite = handler.get("rewrite", {})
     return handler["handler"] == "reverse_proxy" and str(rewrite.get("uri", "")).startswith(
         "/authz"
     )
+
+
+def _sends_body(handler: JsonObject) -> bool:
+    return "X-Nz-Body" in handler.get("headers", {}).get("request", {}).get("set", {})
+
+
+def is_forward_auth(handler: JsonObject) -> bool:
+    """The forward_auth that hands policyd the body (X-Nz-Body) and copies its grant."""
+    return _asks_policyd(handler) and _sends_body(handler)
+
+
+def is_key_gate(handler: JsonObject) -> bool:
+    """The forward_auth asking policyd about path and key alone, before a body is read."""
+    return _asks_policyd(handler) and handler["rewrite"]["uri"].startswith("/authz/key")
 
 
 def is_ollama_proxy(handler: JsonObject) -> bool:

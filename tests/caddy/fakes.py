@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 #: The only bearer token the fake auth service accepts.
-GOOD_KEY: Final = "nz_testtest_good"
+# Well-formed (the gateway asks policyd without the body for anything else).
+GOOD_KEY: Final = "nz_testtest_" + "Good" * 10 + "Key"
 #: The fake upstream's /api/stream* answers: this many NDJSON lines, this far apart.
 STREAM_LINES: Final = 4
 STREAM_GAP_S: Final = 0.3

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from policyd.shared import contract
+from policyd.shared.keys import generate_key
 from tests.caddy.caddy_json import (
     TEST_ENV,
     JsonObject,
@@ -17,6 +19,7 @@ from tests.caddy.caddy_json import (
     gateway_handlers,
     gateway_server,
     is_forward_auth,
+    is_key_gate,
     is_ollama_proxy,
     metrics_server,
 )
@@ -129,10 +132,64 @@ def test_refusal_body_is_ollama_shaped_json(config: JsonObject) -> None:
 
 
 def test_client_nz_headers_deleted_before_forward_auth(config: JsonObject) -> None:
-    """A wildcard request_header delete of X-Nz-* runs right before forward_auth."""
+    """A wildcard request_header delete of X-Nz-* runs before either call to policyd."""
     order = [handler for handler, _ in gateway_handlers(config)]
+    gate = next(i for i, h in enumerate(order) if is_key_gate(h))
     auth = next(i for i, h in enumerate(order) if is_forward_auth(h))
-    assert order[auth - 1] == {"handler": "headers", "request": {"delete": ["X-Nz-*"]}}
+    delete = order.index({"handler": "headers", "request": {"delete": ["X-Nz-*"]}})
+    assert delete < gate < auth
+
+
+def test_bodies_are_read_only_when_cheap_or_after_a_key_check(config: JsonObject) -> None:
+    """Unless the token is key-shaped and the declared body under 100 kB, policyd is asked
+    about path and key (contract.AUTHZ_KEY_PATH, no body) before the body is read; then the
+    body is set again for the upstream (the key check's 2xx hands on a drained copy).
+
+    The Authorization pattern (RE2; Python's re reads it alike) lets through everything
+    policyd's key parser could accept.
+    """
+    walked = gateway_handlers(config)
+    bodies = [i for i, (h, _) in enumerate(walked) if h["handler"] == "request_body"]
+    ((index, gate, matchers),) = [(i, h, m) for i, (h, m) in enumerate(walked) if is_key_gate(h)]
+    auth = next(i for i, (h, _) in enumerate(walked) if is_forward_auth(h))
+    ollama = next(i for i, (h, _) in enumerate(walked) if is_ollama_proxy(h))
+    (bound,) = [i for i in bodies if "max_size" in walked[i][0]]
+    (reset,) = [i for i in bodies if walked[i][0].get("set") == "{http.request.body}"]
+    # policyd's normalised body, where there is one, is set after (and so wins).
+    (upstream_body,) = [i for i in bodies if "X-Nz-Upstream-Body" in walked[i][0].get("set", "")]
+    assert bound < index < auth < reset < upstream_body < ollama
+    assert walked[reset][1] == matchers
+    assert gate["rewrite"]["uri"] == contract.AUTHZ_KEY_PATH + "?"
+    assert contract.H_BODY not in gate["headers"]["request"]["set"]
+    assert gate["headers"]["request"]["set"][contract.H_REQUEST_ID] == ["{http.request.uuid}"]
+    (negated,) = [m["not"] for m in matchers if "not" in m]
+    (both,) = negated
+    fields = both["header_regexp"]
+    key_pattern = re.compile(fields["Authorization"]["pattern"])
+    key = generate_key().full
+    for good in (f"Bearer {key}", f"bearer  {key} ", f"BEARER \t{key}\xa0"):
+        assert key_pattern.search(good)
+    for bad in ("", "Bearer", f"Basic {key}", f"Bearer{key}", "Bearer nz_ABCDEFGH_" + "a" * 43):
+        assert not key_pattern.search(bad)
+    length_pattern = re.compile(fields["Content-Length"]["pattern"])
+    assert all(length_pattern.search(n) for n in ("0", "2", "99999"))
+    assert not any(length_pattern.search(n) for n in ("", "100000", "8388608", "-1", "1e3"))
+
+
+@pytest.mark.parametrize("caddyfile", CADDYFILES, ids=lambda path: path.name)
+def test_server_read_timeouts_and_header_size(caddyfile: Path, env: dict[str, str]) -> None:
+    """Both Caddyfiles bound header and body reading time, idle time and header size."""
+    server = gateway_server(adapt(caddyfile, env=env))
+    second = 1_000_000_000
+    assert server["read_header_timeout"] == 10 * second
+    assert server["read_timeout"] == 30 * second
+    assert server["idle_timeout"] == 120 * second
+    assert server["max_header_bytes"] == 64 * 1024
+    # Not full duplex: a refusal on headers alone waits for 256 KiB of an unread body (or
+    # the read deadline) and then closes the connection; see docs/configuration.md.
+    assert "enable_full_duplex" not in server
+    server = gateway_server(adapt(caddyfile, env={**env, "NZ_READ_BODY_TIMEOUT": "2s"}))
+    assert server["read_timeout"] == 2 * second
 
 
 def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: JsonObject) -> None:
@@ -211,7 +268,7 @@ def test_upstream_body_is_set_from_policyd_after_forward_auth(config: JsonObject
     ((index, handler, matchers),) = [
         (i, h, m)
         for i, (h, m) in enumerate(walked)
-        if h["handler"] == "request_body" and "set" in h
+        if h["handler"] == "request_body" and contract.H_UPSTREAM_BODY in h.get("set", "")
     ]
     assert index > auth
     assert handler["set"] == f"{{http.request.header.{contract.H_UPSTREAM_BODY}}}"
