@@ -73,6 +73,8 @@ def untouched_caddyfile(directory: Path) -> Path:
     if H_UPSTREAM_BODY in snippet:
         raise ValueError(f"the gateway snippet still names {H_UPSTREAM_BODY}")
     directory.mkdir(parents=True, exist_ok=True)
+    for other in _CADDY_DIR.glob("*.caddy"):  # the other snippets the Caddyfile imports
+        (directory / other.name).write_text(other.read_text())
     (directory / "gateway.caddy").write_text(snippet)
     caddyfile = directory / "Caddyfile"
     caddyfile.write_text((_CADDY_DIR / "Caddyfile").read_text())
