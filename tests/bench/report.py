@@ -328,7 +328,7 @@ def render_table(results: Mapping[str, Any]) -> str:
 def _attack_lines(attack: Mapping[str, Any]) -> list[str]:
     strength = attack["attack"]
     lines = [
-        f"6. valid traffic ({attack['valid_rate']:g} req/s, open loop) beside "
+        f"8. valid traffic ({attack['valid_rate']:g} req/s, open loop) beside "
         f"{strength['junk_clients']} junk-body clients ({strength['junk_body_bytes']:,} B), "
         f"{strength['wrong_secrets_per_s']:g} wrong secrets/s and "
         f"{strength['slow_clients']} slow uploads, ms"
