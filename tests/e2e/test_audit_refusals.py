@@ -100,12 +100,21 @@ def test_a_failed_key_is_recorded_by_its_claimed_prefix_only(stack: Stack, gatew
             timeout=30,
         ),
     ]
-    assert [r.status_code for r in replies] == [401, 401, 401]
+    # Over 100 kB: policyd checks the key before Caddy reads the body (/authz/key).
+    replies.append(
+        httpx.post(
+            f"{gateway}/api/chat",
+            json={**_CHAT, "padding": "x" * 200_000},
+            headers={"Authorization": f"Bearer {forged}"},
+            timeout=30,
+        )
+    )
+    assert [r.status_code for r in replies] == [401, 401, 401, 401]
     assert all("x-nz-refused" not in r.headers for r in replies)
     ids = [r.headers["x-request-id"] for r in replies]
     rows = audit_rows(stack, ids)
     claimed = [rows[i]["claimed_prefix"] for i in ids]
-    assert claimed == [victim[:11], None, victim[:11]]
+    assert claimed == [victim[:11], None, victim[:11], victim[:11]]
     for request_id in ids:
         row = rows[request_id]
         assert row["key_prefix"] is None
