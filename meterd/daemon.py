@@ -343,8 +343,7 @@ class Daemon:
 
     async def _settle(self, batch: Batch, *, resume: Checkpoint) -> None:
         outcome = await self._retry("settle", lambda: self._store.settle(batch, resume=resume))
-        for obs in outcome.observations:
-            self._calibration.learn(obs)
+        self._calibration.learn(outcome.observations)
         self._lines += batch.lines
         self._bad_lines += batch.bad_lines + outcome.quarantined
         self._settled += outcome.inserted

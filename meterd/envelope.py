@@ -17,7 +17,7 @@ from typing import Any, Final
 import attrs
 import msgspec
 
-__all__ = ["Envelope", "envelope_for", "go_json_len"]
+__all__ = ["Envelope", "envelope_for", "go_json_len", "whole_overhead"]
 
 # RFC 3339 with nanoseconds, trailing zeros trimmed by Go: 30 characters, one in ten
 # loses a digit or more (expected loss 1/9 of a character).
@@ -160,3 +160,44 @@ def envelope_for(path: str, model: str, *, with_usage: bool = False) -> Envelope
     if path.startswith("/v1/"):
         return _openai(model, path, with_usage=with_usage)
     return _native(model, path)
+
+
+def _digits(value: int) -> int:
+    return len(str(max(value, 0)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole_overhead(path: str, model: str) -> float:
+    if path == "/v1/chat/completions":
+        message = {"role": "assistant", "content": ""}
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "stop"}
+        head: dict[str, Any] = {"id": "chatcmpl-123", "object": "chat.completion"}
+    elif path == "/v1/completions":
+        choice = {"text": "", "index": 0, "finish_reason": "stop"}
+        head = {"id": "cmpl-123", "object": "text_completion"}
+    else:
+        # A non-streamed native reply is the final chunk with the whole text, no newline.
+        return _native(model, path).fixed - 1
+    body = {
+        **head,
+        "created": _UNIX,
+        "model": model,
+        "system_fingerprint": "fp_ollama",
+        "choices": [choice],
+        "usage": _USAGE,
+    }
+    return _json(body) + 1 - _ID_SHORTFALL  # json.Encoder's newline
+
+
+def whole_overhead(path: str, model: str, *, prompt: int, completion: int) -> float:
+    """Bytes of a non-streamed reply besides its text (and, on /api/generate, besides the
+    ids inside `context`), for counts `prompt` and `completion`.
+
+    The access log keeps no reply text, so the text's size, which teaches the bytes per
+    token, is the logged size minus this.
+    """
+    # The templates above write every count with three digits (total: three too).
+    adjust = _digits(prompt) + _digits(completion) - 6
+    if path.startswith("/v1/"):
+        adjust += _digits(prompt + completion) - 3
+    return _whole_overhead(path, model) + adjust

@@ -8,8 +8,10 @@ lose NUL characters and lone surrogates, which Postgres cannot store.
 
 Field names are the contract with `caddy/gateway.caddy`: Caddy's own (`uuid`, `ts`,
 `request`, `status`, `size`, `bytes_read`, `duration`, `resp_headers`), policyd's grant
-(`nz_grant`, `policyd.shared.contract.Grant`), `resp_body` (captured responses), and the
-optional `req_body` (prompt logging) and `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`).
+(`nz_grant`, `policyd.shared.contract.Grant`), or on a refusal who was refused
+(`nz_refused`, `contract.Refused`), `resp_body` and `resp_context` (the usage figures
+Caddy's log filter keeps of a captured reply), and the optional `req_body` (prompt
+logging) and `ttfb_ms` (`{http.reverse_proxy.upstream.latency_ms}`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import msgspec
 from policyd.shared.contract import (
     H_REFUSAL,
     LOG_GRANT,
+    LOG_REFUSED,
     LOG_UPSTREAM,
     Surface,
     parse_grant,
@@ -106,10 +109,18 @@ class Event:
     #: An OpenAI stream with `stream_options.include_usage` (more bytes per event).
     stream_usage: bool = False
     reserved: int | None = None
-    #: policyd's count of the prompt tokens (grant `prompt`): the least an aborted
-    #: request whose body reached Ollama pays.
+    #: policyd's count of the prompt Ollama tokenises (the grant's `prompt`): what
+    #: streamed prompts are estimated from, and the least an aborted request whose body
+    #: reached Ollama pays.
     prompt_tokens: int | None = None
+    #: The ids came with a grant, so policyd admitted the request and reserved for it.
+    #: False: they name who a refusal was for (`nz_refused`); nothing was reserved.
+    granted: bool = True
+    #: A 401's key prefix as the client claimed it: never verified, never `key_prefix`.
+    claimed_prefix: str | None = None
     resp_body: str | None = attrs.field(default=None, repr=False)
+    #: /api/generate's `context` ids, each masked to its length (`"context":[xx,xxx]`).
+    resp_context: str | None = attrs.field(default=None, repr=False)
     req_body: str | None = attrs.field(default=None, repr=False)
     #: The line was longer than the limit: its bodies are unknown.
     truncated: bool = False
@@ -117,12 +128,12 @@ class Event:
     @property
     def admitted(self) -> bool:
         """policyd let it through (and so reserved for it): it carries key and tenant ids."""
-        return self.key_id is not None and self.tenant_id is not None
+        return self.granted and self.key_id is not None and self.tenant_id is not None
 
     @property
     def is_probe(self) -> bool:
         """A health probe: no key, a probe path."""
-        return not self.admitted and self.path in PROBE_PATHS
+        return self.key_id is None and self.path in PROBE_PATHS
 
 
 def clean_text(value: object, limit: int) -> str | None:
@@ -312,6 +323,10 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
     body = data.get("resp_body")
     prompt = data.get("req_body")
     grant = _grant(data)
+    granted = bool(grant)
+    if not granted:
+        refused = data.get(LOG_REFUSED)
+        grant = parse_grant(refused) if isinstance(refused, str) else {}
     return Event(
         request_id=request_id,
         started=dt.datetime.fromtimestamp(ended - duration, dt.UTC),
@@ -340,7 +355,10 @@ def _event(data: dict[str, Any], *, truncated: bool) -> Event | BadLine:
         stream_usage=_flag(grant.get("usage")) is True,
         reserved=int(r) if (r := _match(_RESERVED, grant.get("reserved"))) else None,
         prompt_tokens=int(p) if (p := _match(_RESERVED, grant.get("prompt"))) else None,
+        granted=granted,
+        claimed_prefix=_match(_PREFIX, grant.get("claimed")),
         resp_body=body if isinstance(body, str) else None,
+        resp_context=context if isinstance(context := data.get("resp_context"), str) else None,
         req_body=prompt if isinstance(prompt, str) and prompt else None,
         truncated=truncated,
     )

@@ -67,12 +67,6 @@ SELECT dev, inode, byte_offset, fingerprint, fingerprint_len, updated_at
  WHERE node = $1 AND log_path = $2
 """
 
-_LOAD_CALIBRATION: Final = """
-SELECT model, path, weight, prompt_weight, prompt_bytes, prompt_tokens, prompt_bytes_sq,
-       prompt_cross, content_bytes, completion_tokens, context_bytes, context_tokens
-  FROM meter_calibration
-"""
-
 
 @attrs.frozen(kw_only=True)
 class Outcome:
@@ -146,7 +140,7 @@ async def settle_in_redis(script: SettleScript, items: Sequence[RedisSettlement]
     calls = []
     for item in items:
         event, usage = item.record.event, item.record.usage
-        if event.tenant_id is None or event.key_id is None:
+        if not event.admitted or event.tenant_id is None or event.key_id is None:
             continue  # refused before admission: nothing was reserved
         calls.append(
             functools.partial(
@@ -217,7 +211,7 @@ class Store:
         )
 
     async def load_calibration(self) -> list[CalibrationRow]:
-        return [CalibrationRow(**dict(row)) for row in await self._pool.fetch(_LOAD_CALIBRATION)]
+        return await writes.load_calibration(self._pool)
 
     # --- settlement -----------------------------------------------------------------------
 

@@ -6,9 +6,10 @@
   Requests that never reached Ollama (refused, blocked) and info endpoints are exactly 0.
 - **estimated**: a streamed reply is not captured, but its size is logged. Ollama sends
   one chunk per token in a known envelope (`envelope.py`), so the number of chunks is
-  size / (envelope + the model's bytes per token). The bytes per token, the prompt
-  tokens per request byte and (for /api/generate) the `context` array's bytes per token
-  are learnt per model from the exact observations (`Calibration`).
+  size / (envelope + bytes per token). Prompt tokens are policyd's count (the grant's
+  `prompt`) times a ratio. The ratio, the bytes per token and (for /api/generate) the
+  `context` array's bytes per id are learnt per tenant from its own exact observations,
+  on a bounded base (`calibration.py`).
 - **reserved**: the line cannot tell (a capture that is missing or unreadable): the
   request is charged what admission reserved for it, fail-closed.
 """
@@ -16,23 +17,21 @@
 from __future__ import annotations
 
 import enum
-import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 import msgspec
 
-from meterd.envelope import Envelope, envelope_for, go_json_len
+from meterd.calibration import Calibration, CalibrationRow, Observation, model_key
+from meterd.envelope import Envelope, envelope_for, whole_overhead
 from meterd.parse import Event
-from policyd.shared.tables import CALIBRATION_SUMS
 
 __all__ = [
     "EMBED_PATHS",
     "STREAMABLE_PATHS",
-    "SUMS",
     "USAGE_PATHS",
     "Calibration",
     "CalibrationRow",
@@ -51,14 +50,9 @@ EMBED_PATHS: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings
 #: Endpoints whose requests consume tokens (policyd reserves for exactly these).
 USAGE_PATHS: Final = STREAMABLE_PATHS | EMBED_PATHS
 
-#: Weight an old observation keeps per new one: about the last 200 observations count.
-DECAY: Final = 0.995
-#: Until a model has been observed: typical English in a JSON string, tokens per body byte.
-PRIOR_BYTES_PER_TOKEN: Final = 4.0
-PRIOR_PROMPT_TOKENS_PER_BYTE: Final = 0.2
-PRIOR_CONTEXT_BYTES_PER_TOKEN: Final = 6.0
-_MIN_WEIGHT: Final = 1e-9
-_TAGGED: Final = re.compile(r":[^/]+$")
+#: Lines written before policyd counted prompts (no `prompt` in the grant): prompt
+#: tokens per request byte, only so that such lines still settle after an upgrade.
+LEGACY_PROMPT_TOKENS_PER_BYTE: Final = 0.2
 
 
 class Source(enum.StrEnum):
@@ -81,141 +75,9 @@ class Usage:
 
 
 @attrs.frozen(kw_only=True)
-class Observation:
-    """What an exact body teaches the estimator about one model and endpoint."""
-
-    model: str
-    path: str
-    prompt_bytes: int
-    prompt_tokens: int
-    content_bytes: int
-    completion_tokens: int
-    context_bytes: int = 0
-    context_tokens: int = 0
-
-
-@attrs.frozen(kw_only=True)
 class Measured:
     usage: Usage
     observation: Observation | None = None
-
-
-#: Sums kept per (model, path), in this order: the `meter_calibration` columns.
-SUMS: Final = CALIBRATION_SUMS
-
-
-@attrs.frozen(kw_only=True)
-class CalibrationRow:
-    """Exponentially weighted sums for one (model, path); stored in `meter_calibration`.
-
-    Prompt tokens are fitted as a line over request-body bytes (a request has a fixed
-    JSON overhead besides its text), hence the sums of squares and products.
-    """
-
-    model: str
-    path: str
-    weight: float = 0.0
-    prompt_weight: float = 0.0
-    prompt_bytes: float = 0.0
-    prompt_tokens: float = 0.0
-    prompt_bytes_sq: float = 0.0
-    prompt_cross: float = 0.0
-    content_bytes: float = 0.0
-    completion_tokens: float = 0.0
-    context_bytes: float = 0.0
-    context_tokens: float = 0.0
-
-    def learn(self, obs: Observation) -> CalibrationRow:
-        """The sums after one more observation: each decays by DECAY, then adds its part."""
-        x, y = float(obs.prompt_bytes), float(obs.prompt_tokens)
-        has_prompt = 1.0 if x > 0 and y > 0 else 0.0
-        # Spelled out (not a loop over SUMS): this runs twice per exact request.
-        return CalibrationRow(
-            model=self.model,
-            path=self.path,
-            weight=self.weight * DECAY + 1.0,
-            prompt_weight=self.prompt_weight * DECAY + has_prompt,
-            prompt_bytes=self.prompt_bytes * DECAY + x * has_prompt,
-            prompt_tokens=self.prompt_tokens * DECAY + y * has_prompt,
-            prompt_bytes_sq=self.prompt_bytes_sq * DECAY + x * x * has_prompt,
-            prompt_cross=self.prompt_cross * DECAY + x * y * has_prompt,
-            content_bytes=self.content_bytes * DECAY + float(obs.content_bytes),
-            completion_tokens=self.completion_tokens * DECAY + float(obs.completion_tokens),
-            context_bytes=self.context_bytes * DECAY + float(obs.context_bytes),
-            context_tokens=self.context_tokens * DECAY + float(obs.context_tokens),
-        )
-
-    def prompt_tokens_for(self, size: int) -> float | None:
-        """Fitted prompt tokens for a request body of `size` bytes; None without data."""
-        n = self.prompt_weight
-        if n < 1e-6 or self.prompt_bytes <= 0:
-            return None
-        mean_x, mean_y = self.prompt_bytes / n, self.prompt_tokens / n
-        variance = self.prompt_bytes_sq / n - mean_x * mean_x
-        if n >= 3 and variance > (0.05 * mean_x) ** 2:
-            slope = (self.prompt_cross / n - mean_x * mean_y) / variance
-            if slope > 0:
-                return max(mean_y + slope * (size - mean_x), 0.0)
-        return size * mean_y / mean_x
-
-
-@functools.lru_cache(maxsize=1024)
-def model_key(model: str | None) -> str:
-    """Calibration key of a model name: folded like Ollama matches names, tag defaulted."""
-    name = (model or "").strip().lower()
-    if not name:
-        return "?"
-    return name if _TAGGED.search(name) else f"{name}:latest"
-
-
-class Calibration:
-    """Per-model figures learnt from exact observations; owned by the daemon's loop."""
-
-    def __init__(self, rows: Iterable[CalibrationRow] = ()) -> None:
-        self._rows: dict[tuple[str, str], CalibrationRow] = {(r.model, r.path): r for r in rows}
-
-    def rows(self) -> Mapping[tuple[str, str], CalibrationRow]:
-        return dict(self._rows)
-
-    def replace(self, rows: Iterable[CalibrationRow]) -> None:
-        """Take the stored figures (all nodes contribute to them)."""
-        self._rows = {(r.model, r.path): r for r in rows}
-
-    def learn(self, obs: Observation) -> CalibrationRow:
-        key = (obs.model, obs.path)
-        row = self._rows.get(key) or CalibrationRow(model=obs.model, path=obs.path)
-        self._rows[key] = row = row.learn(obs)
-        return row
-
-    def _model_rows(self, model: str) -> list[CalibrationRow]:
-        return [row for (m, _), row in self._rows.items() if m == model]
-
-    def bytes_per_token(self, model: str) -> float:
-        """Encoded reply bytes per completion token (any endpoint: same text, same model)."""
-        rows = self._model_rows(model)
-        tokens = sum(r.completion_tokens for r in rows)
-        if tokens < 1:
-            return PRIOR_BYTES_PER_TOKEN
-        return max(sum(r.content_bytes for r in rows) / tokens, 0.5)
-
-    def prompt_tokens(self, model: str, path: str, size: int) -> float:
-        """Prompt tokens of a request body of `size` bytes, for this endpoint's shape."""
-        row = self._rows.get((model, path))
-        fitted = row.prompt_tokens_for(size) if row is not None else None
-        if fitted is not None:
-            return fitted
-        # This endpoint not seen yet for the model: the model's average rate, else a prior.
-        rows = self._model_rows(model)
-        total_bytes = sum(r.prompt_bytes for r in rows)
-        tokens = sum(r.prompt_tokens for r in rows)
-        rate = tokens / total_bytes if total_bytes >= 1 else PRIOR_PROMPT_TOKENS_PER_BYTE
-        return size * rate
-
-    def context_bytes_per_token(self, model: str) -> float:
-        row = self._rows.get((model, "/api/generate"))
-        if row is None or row.context_tokens < 1:
-            return PRIOR_CONTEXT_BYTES_PER_TOKEN
-        return row.context_bytes / row.context_tokens
 
 
 # --- exact counts --------------------------------------------------------------------------
@@ -227,9 +89,39 @@ def _count(value: object) -> int | None:
     return None
 
 
+#: The figures Caddy's log filter keeps of a reply (caddy/gateway.caddy), e.g.
+#: `,"done":true,"prompt_eval_count":19,"eval_count":12,` or `,,,,"usage":{…}`.
+_FIGURE: Final = re.compile(
+    r'"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)": ?([0-9]{1,15})'
+)
+_CONTEXT: Final = re.compile(r'"context":(\[[x,]*\])')
+
+
+def _reduced(text: str) -> dict[str, Any] | None:
+    """The counts of a filtered reply, shaped as Ollama's reply would hold them."""
+    found = {name: int(value) for name, value in _FIGURE.findall(text)}
+    data: dict[str, Any] = {}
+    if '"usage":' in text:
+        data["usage"] = {k: v for k, v in found.items() if k.endswith("_tokens")}
+    else:
+        data.update(found)
+    if text.startswith('"error"'):
+        data["error"] = True
+    if '"done":true' in text:
+        data["done"] = True
+    return data or None
+
+
 def _decode_body(body: str) -> dict[str, Any] | None:
-    """The JSON object of a captured body; for NDJSON (a stream after all) its last line."""
+    """The counts of a captured body.
+
+    Caddy's log filter reduces a captured reply to its usage figures (see `_reduced`).
+    Lines written before the filter hold the whole reply (for NDJSON, a stream after
+    all, its last line counts).
+    """
     text = body.strip()
+    if not text.startswith("{"):
+        return _reduced(text)
     for candidate in (text, text.rpartition("\n")[2]):
         try:
             data = msgspec.json.decode(candidate)
@@ -240,26 +132,8 @@ def _decode_body(body: str) -> dict[str, Any] | None:
     return None
 
 
-def _content(data: Mapping[str, Any]) -> str:
-    """The reply text of a non-streamed body, for learning bytes per token."""
-    if isinstance(data.get("response"), str):
-        return str(data["response"])
-    message = data.get("message")
-    if isinstance(message, dict) and isinstance(message.get("content"), str):
-        return str(message["content"])
-    choices = data.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        choice = choices[0]
-        if isinstance(choice.get("text"), str):
-            return str(choice["text"])
-        inner = choice.get("message")
-        if isinstance(inner, dict) and isinstance(inner.get("content"), str):
-            return str(inner["content"])
-    return ""
-
-
 def exact_counts(body: str) -> tuple[int, int, dict[str, Any]] | None:
-    """(prompt, completion, decoded body) from a captured body, or None if it has none."""
+    """(prompt, completion, decoded counts) of a captured body, or None if it has none."""
     data = _decode_body(body)
     if data is None:
         return None
@@ -271,7 +145,7 @@ def exact_counts(body: str) -> tuple[int, int, dict[str, Any]] | None:
             return prompt, completion, data
     if "error" in data:
         return 0, 0, data  # Ollama refused or failed before generating
-    native = ("done" in data) or ("embeddings" in data) or ("prompt_eval_count" in data)
+    native = any(k in data for k in ("done", "embeddings", "prompt_eval_count", "eval_count"))
     if native:
         # Ollama omits zero counts (omitempty), so a missing count is a zero.
         prompt = _count(data.get("prompt_eval_count", 0))
@@ -281,52 +155,77 @@ def exact_counts(body: str) -> tuple[int, int, dict[str, Any]] | None:
     return None
 
 
+def _context_size(data: Mapping[str, Any], logged: str | None) -> tuple[int, int]:
+    """(bytes, ids) of /api/generate's `context`: masked by the log filter, or whole."""
+    masked = _CONTEXT.search(logged) if logged else None
+    if masked is not None:
+        ids = masked[1]
+        return len(ids), ids.count(",") + 1 if len(ids) > 2 else 0
+    context = data.get("context")
+    if isinstance(context, list) and context:
+        return len(msgspec.json.encode(context)), len(context)
+    return 0, 0
+
+
 def _observation(
     event: Event, prompt: int, completion: int, data: Mapping[str, Any]
 ) -> Observation | None:
-    if event.status != 200 or event.path not in USAGE_PATHS:
+    """What an exact reply teaches this tenant's figures (None: nothing plausible)."""
+    if event.status != 200 or event.path not in USAGE_PATHS or event.tenant_id is None:
         return None
-    content = _content(data)
-    context = data.get("context")
     context_bytes = context_tokens = 0
-    if event.path == "/api/generate" and isinstance(context, list) and context:
-        context_bytes = len(msgspec.json.encode(context))
-        context_tokens = prompt + completion
-    return Observation(
+    if event.path == "/api/generate":
+        context_bytes, context_tokens = _context_size(data, event.resp_context)
+    reply_bytes = 0.0
+    if event.path in STREAMABLE_PATHS and completion > 0:
+        overhead = whole_overhead(
+            event.path, event.model or "", prompt=prompt, completion=completion
+        )
+        # `context` is inside the overhead as []; its ids are not reply text.
+        reply_bytes = event.bytes_out - overhead - max(context_bytes - 2, 0)
+    return Observation.build(
+        tenant=str(event.tenant_id),
         model=model_key(event.model),
         path=event.path,
-        prompt_bytes=event.bytes_in if prompt > 0 else 0,
-        prompt_tokens=prompt if event.bytes_in > 0 else 0,
-        content_bytes=go_json_len(content) if completion > 0 and content else 0,
-        completion_tokens=completion if content else 0,
-        context_bytes=context_bytes,
-        context_tokens=context_tokens if context_bytes else 0,
+        counted=event.prompt_tokens,
+        prompt_tokens=prompt,
+        reply_bytes=reply_bytes,
+        completion_tokens=completion,
+        context_bytes=max(context_bytes - 2, 0),
+        context_tokens=context_tokens,
     )
 
 
 # --- estimates -----------------------------------------------------------------------------
 
 
+def _tenant(event: Event) -> str:
+    return str(event.tenant_id) if event.tenant_id is not None else "?"
+
+
 def estimate_prompt(event: Event, calibration: Calibration) -> int:
-    """Prompt tokens from the request body's size, as learnt for the model and endpoint."""
-    return max(
-        round(calibration.prompt_tokens(model_key(event.model), event.path, event.bytes_in)), 0
-    )
+    """Prompt tokens from policyd's count, at this tenant's ratio for the model and endpoint."""
+    if event.prompt_tokens is None:
+        # A line from before the grant carried the count (upgrades only).
+        legacy = round(event.bytes_in * LEGACY_PROMPT_TOKENS_PER_BYTE)
+        return min(legacy, event.reserved) if event.reserved is not None else legacy
+    ratio = calibration.figure("prompt", _tenant(event), model_key(event.model), event.path)
+    return max(round(event.prompt_tokens * ratio), 0)
 
 
 def estimate_completion(
     event: Event, calibration: Calibration, *, prompt_tokens: int, envelope: Envelope
 ) -> int:
     """Chunks in a streamed reply of `event.bytes_out` bytes: one per completion token."""
-    model = model_key(event.model)
-    per_token = envelope.per_chunk + calibration.bytes_per_token(model)
+    tenant, model = _tenant(event), model_key(event.model)
+    per_token = envelope.per_chunk + calibration.figure("reply", tenant, model, event.path)
     fixed = envelope.fixed
     if event.bytes_out < fixed:
         # Shorter than a final chunk: the stream was cut (the client left) before its
         # end, and every byte sent belongs to a token chunk.
         return max(round(event.bytes_out / per_token), 0)
     if envelope.context:
-        per_context = calibration.context_bytes_per_token(model)
+        per_context = calibration.figure("context", tenant, model, event.path)
         per_token += per_context
         fixed += per_context * prompt_tokens
     return max(round((event.bytes_out - fixed) / per_token), 0)
@@ -368,7 +267,8 @@ def _aborted(event: Event, calibration: Calibration, tokens_per_s: float) -> Usa
     if event.stream and event.bytes_out > 0 and event.path in STREAMABLE_PATHS:
         # Cut mid-stream: every chunk sent carried one token, and no final chunk came.
         envelope = envelope_for(event.path, event.model or "", with_usage=event.stream_usage)
-        per_token = envelope.per_chunk + calibration.bytes_per_token(model_key(event.model))
+        reply = calibration.figure("reply", _tenant(event), model_key(event.model), event.path)
+        per_token = envelope.per_chunk + reply
         completion = max(round(event.bytes_out / per_token), 0)
     elif not event.stream:
         allowance = max((event.reserved or 0) - prompt, 0)
@@ -388,9 +288,11 @@ def measure(
         return Measured(usage=Usage(prompt_tokens=0, completion_tokens=0, source=Source.EXACT))
     if event.status == CLIENT_CLOSED and not event.truncated:
         return Measured(usage=_aborted(event, calibration, aborted_tokens_per_s))
-    if event.resp_body is not None:
+    if event.resp_body:
         counted = exact_counts(event.resp_body)
         if counted is None:
+            if event.path == "/api/embeddings" and event.status == 200:
+                return Measured(usage=_legacy_embeddings(event, calibration))
             return Measured(usage=_reserved(event, calibration))
         prompt, completion, data = counted
         return Measured(
@@ -398,11 +300,10 @@ def measure(
             observation=_observation(event, prompt, completion, data),
         )
     if event.truncated or event.path not in STREAMABLE_PATHS or event.stream is False:
-        # A capture was due but is missing (cut line, legacy /api/embeddings has no counts).
+        # A capture was due but is missing (cut line; legacy /api/embeddings has no counts
+        # and the log filter leaves nothing of it).
         if event.path == "/api/embeddings" and not event.truncated and event.status == 200:
-            prompt = estimate_prompt(event, calibration)
-            usage = Usage(prompt_tokens=prompt, completion_tokens=0, source=Source.ESTIMATED)
-            return Measured(usage=usage)
+            return Measured(usage=_legacy_embeddings(event, calibration))
         return Measured(usage=_reserved(event, calibration))
     if event.status != 200:
         # Ollama answers errors before the first chunk, as one small JSON object.
@@ -413,3 +314,8 @@ def measure(
     return Measured(
         usage=Usage(prompt_tokens=prompt, completion_tokens=completion, source=Source.ESTIMATED)
     )
+
+
+def _legacy_embeddings(event: Event, calibration: Calibration) -> Usage:
+    prompt = estimate_prompt(event, calibration)
+    return Usage(prompt_tokens=prompt, completion_tokens=0, source=Source.ESTIMATED)

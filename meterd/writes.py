@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -36,10 +35,19 @@ import asyncpg  # type: ignore[import-untyped]
 import attrs
 import msgspec
 
+from meterd.calibration import (
+    FIGURES,
+    RATE_FLOOR,
+    STEP,
+    CalibrationRow,
+    Observation,
+    batch_steps,
+    learn_row,
+)
 from meterd.parse import clean_text
 from meterd.records import Record
 from meterd.tail import Checkpoint
-from meterd.usage import DECAY, SUMS, CalibrationRow, Observation, Source, Usage
+from meterd.usage import Source, Usage
 from policyd.shared.bounds import MAX_PROMPT_RETENTION_DAYS
 
 __all__ = [
@@ -47,6 +55,7 @@ __all__ = [
     "add_to_ledger",
     "audited",
     "insert_audit",
+    "load_calibration",
     "save_checkpoint",
     "settle_batch",
 ]
@@ -60,7 +69,7 @@ _ALWAYS: Final = "/* guard */ true"
 _AUDIT_COLUMNS: Final = """
     request_id, ts, tenant_id, key_id, key_prefix, method, path, surface, model, stream,
     status, prompt_tokens, completion_tokens, usage_source, reserved_tokens, bytes_in,
-    bytes_out, duration_ms, ttfb_ms, client_ip, user_agent, refusal, upstream"""
+    bytes_out, duration_ms, ttfb_ms, client_ip, user_agent, refusal, upstream, claimed_prefix"""
 
 # $1: the rows (`_AuditRow`), $2: the node.
 _AUDIT_SOURCE: Final = """
@@ -69,7 +78,8 @@ json_to_recordset($1::json) AS r(
     method text, path text, surface text, model text, stream boolean, status integer,
     prompt_tokens bigint, completion_tokens bigint, usage_source text,
     reserved_tokens bigint, bytes_in bigint, bytes_out bigint, duration_ms bigint,
-    ttfb_ms bigint, client_ip inet, user_agent text, refusal text, upstream text)"""
+    ttfb_ms bigint, client_ip inet, user_agent text, refusal text, upstream text,
+    claimed_prefix text)"""
 
 _INSERT_AUDIT: Final = f"""
 INSERT INTO audit_log ({_AUDIT_COLUMNS}, node)
@@ -128,40 +138,46 @@ SELECT p.request_id, p.key_id, p.tenant_id, $2::timestamptz,
 ON CONFLICT (request_id) DO NOTHING
 """  # noqa: S608 -- built from constants; every value is a bound parameter # nosec B608
 
-# $1: the updates (`_calibration_updates`). New rows take the sums as learnt from zero;
-# stored ones decay by `factor` first, which the excluded row cannot carry, hence the
-# sub-select. The columns are those of usage.SUMS.
+
+# $1: the updates (`_calibration_updates`): per tenant, model and path, the row as
+# learnt from the priors (new rows) and, per figure, the batch's count `k` and median
+# `target` (log space). A stored row is pulled towards the target by the rule of
+# calibration.pulled, here in SQL so that nodes learning at once both count.
+def _pull(figure: str) -> str:
+    rate = f"least(1.0, f.{figure}_k * greatest(1.0 / (c.{figure}_n + 1.0), {RATE_FLOOR!r}))"
+    pull = f"greatest({-STEP!r}, least({STEP!r}, f.{figure}_target - c.{figure}_log))"
+    pulled = f"c.{figure}_log + {rate} * {pull}"
+    first = f"c.{figure}_n <= 0 AND f.{figure}_k > 0"
+    return (
+        f"c.{figure}_n + f.{figure}_k, CASE WHEN {first} THEN f.{figure}_target ELSE {pulled} END"
+    )
+
+
+_FIGURE_COLUMNS: Final = ", ".join(f"{f}_n, {f}_log" for f in FIGURES)
+_FIGURE_INPUT: Final = ", ".join(
+    f"{f}_n float8, {f}_log float8, {f}_k integer, {f}_target float8" for f in FIGURES
+)
 _TEACH: Final = f"""
-INSERT INTO meter_calibration AS c (
-    model, path, weight, prompt_weight, prompt_bytes, prompt_tokens, prompt_bytes_sq,
-    prompt_cross, content_bytes, completion_tokens, context_bytes, context_tokens)
-SELECT n.model, n.path, n.weight, n.prompt_weight, n.prompt_bytes, n.prompt_tokens,
-       n.prompt_bytes_sq, n.prompt_cross, n.content_bytes, n.completion_tokens,
-       n.context_bytes, n.context_tokens
+INSERT INTO meter_calibration AS c (tenant_id, model, path, {_FIGURE_COLUMNS})
+SELECT n.tenant_id, n.model, n.path, {", ".join(f"n.{f}_n, n.{f}_log" for f in FIGURES)}
   FROM json_to_recordset($1::json) AS n(
-       model text, path text, weight float8, prompt_weight float8, prompt_bytes float8,
-       prompt_tokens float8, prompt_bytes_sq float8, prompt_cross float8,
-       content_bytes float8, completion_tokens float8, context_bytes float8,
-       context_tokens float8)
+       tenant_id uuid, model text, path text,
+       {_FIGURE_INPUT})
  WHERE {_ALWAYS}
- ORDER BY n.model, n.path
-ON CONFLICT (model, path) DO UPDATE SET
-    (weight, prompt_weight, prompt_bytes, prompt_tokens, prompt_bytes_sq, prompt_cross,
-     content_bytes, completion_tokens, context_bytes, context_tokens, updated_at) = (
-        SELECT c.weight * f.factor + excluded.weight,
-               c.prompt_weight * f.factor + excluded.prompt_weight,
-               c.prompt_bytes * f.factor + excluded.prompt_bytes,
-               c.prompt_tokens * f.factor + excluded.prompt_tokens,
-               c.prompt_bytes_sq * f.factor + excluded.prompt_bytes_sq,
-               c.prompt_cross * f.factor + excluded.prompt_cross,
-               c.content_bytes * f.factor + excluded.content_bytes,
-               c.completion_tokens * f.factor + excluded.completion_tokens,
-               c.context_bytes * f.factor + excluded.context_bytes,
-               c.context_tokens * f.factor + excluded.context_tokens,
-               now()
-          FROM json_to_recordset($1::json) AS f(model text, path text, factor float8)
-         WHERE f.model = excluded.model AND f.path = excluded.path)
+ ORDER BY n.tenant_id, n.model, n.path
+ON CONFLICT (tenant_id, model, path) DO UPDATE SET
+    ({_FIGURE_COLUMNS}, updated_at) = (
+        SELECT {", ".join(_pull(f) for f in FIGURES)}, now()
+          FROM json_to_recordset($1::json) AS f(
+               tenant_id uuid, model text, path text,
+               {", ".join(f"{f}_k integer, {f}_target float8" for f in FIGURES)})
+         WHERE f.tenant_id = excluded.tenant_id AND f.model = excluded.model
+           AND f.path = excluded.path)
 """  # noqa: S608 -- built from constants; every value is a bound parameter # nosec B608
+
+_LOAD_CALIBRATION: Final = f"""
+SELECT tenant_id::text AS tenant, model, path, {_FIGURE_COLUMNS} FROM meter_calibration
+"""  # noqa: S608 -- built from constants
 
 # $1 node, $2 log path, $3-$7 the position, $8-$9 line counts to add, $10 last event.
 _SAVE_CHECKPOINT: Final = f"""
@@ -243,6 +259,7 @@ class _AuditRow(msgspec.Struct, kw_only=True):
     user_agent: str | None
     refusal: str | None
     upstream: str | None
+    claimed_prefix: str | None
 
 
 class _LedgerRow(msgspec.Struct, kw_only=True):
@@ -308,6 +325,7 @@ def _audit_rows(records: Iterable[Record]) -> list[_AuditRow]:
                 user_agent=event.user_agent,
                 refusal=event.refusal,
                 upstream=event.upstream,
+                claimed_prefix=event.claimed_prefix,
             )
         )
     return rows
@@ -318,7 +336,7 @@ def _ledger_rows(records: Iterable[Record]) -> list[_LedgerRow]:
     totals: dict[tuple[uuid.UUID, dt.date], _LedgerRow] = {}
     for record in records:
         event, usage = record.event, record.usage
-        if event.key_id is None or event.tenant_id is None:
+        if not event.admitted or event.key_id is None or event.tenant_id is None:
             continue  # refused before admission: nothing to count against a key
         day = event.started.date()
         row = totals.get((event.key_id, day))
@@ -350,7 +368,7 @@ def _prompt_rows(records: Iterable[Record], max_bytes: int) -> list[_PromptRow]:
         event = record.event
         if not event.prompt_log or event.req_body is None:
             continue
-        if event.key_id is None or event.tenant_id is None:
+        if not event.admitted or event.key_id is None or event.tenant_id is None:
             continue  # refused before admission: no key to keep it for
         body, truncated = _bounded(event.req_body, max_bytes)
         if body is not None:
@@ -368,24 +386,23 @@ def _prompt_rows(records: Iterable[Record], max_bytes: int) -> list[_PromptRow]:
 
 
 def _calibration_updates(observations: Iterable[Observation]) -> list[dict[str, object]]:
-    """Per (model, path): the decay factor for the stored sums and what to add to them.
-
-    Applying k observations one by one (sum = sum * DECAY + x) equals
-    sum * DECAY**k + sum_i DECAY**(k-1-i) * x_i, which one UPSERT can do.
-    """
-    grouped: dict[tuple[str, str], list[Observation]] = defaultdict(list)
-    for obs in observations:
-        grouped[(obs.model, obs.path)].append(obs)
-    updates = []
-    for (model, path), items in grouped.items():
-        row = CalibrationRow(model=model, path=path)
-        for obs in items:
-            row = row.learn(obs)
-        updates.append({**attrs.asdict(row), "factor": DECAY ** len(items)})
+    """Per (tenant, model, path): the row learnt from the priors, and the batch's steps."""
+    updates: list[dict[str, object]] = []
+    for (tenant, model, path), steps in batch_steps(observations).items():
+        fresh = learn_row(CalibrationRow(tenant=tenant, model=model, path=path), steps)
+        update: dict[str, object] = attrs.asdict(fresh)
+        update["tenant_id"] = update.pop("tenant")
+        for figure in FIGURES:
+            step = steps.get(figure)
+            update[f"{figure}_k"] = step.k if step is not None else 0
+            update[f"{figure}_target"] = step.target if step is not None else 0.0
+        updates.append(update)
     return updates
 
 
-assert all(f" n.{name}," in _TEACH or f" n.{name}\n" in _TEACH for name in SUMS)
+async def load_calibration(pool: asyncpg.Pool) -> list[CalibrationRow]:
+    """Every tenant's stored figures."""
+    return [CalibrationRow(**dict(row)) for row in await pool.fetch(_LOAD_CALIBRATION)]
 
 
 def _signed(value: int) -> int:

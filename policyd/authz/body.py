@@ -89,6 +89,11 @@ class BodyError(Exception):
 class CloudModelError(BodyError):
     """The body names a cloud model, which this gateway never forwards."""
 
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message)
+        #: The name as the client wrote it, for the audit.
+        self.model = model
+
 
 @attrs.frozen(kw_only=True)
 class BodyFacts:
@@ -338,7 +343,9 @@ def read_body(
     body = _decode(raw)
     model = _model(body, kind)
     if is_cloud_model(model):
-        raise CloudModelError(f"cloud models are not available through this gateway: {model!r}")
+        raise CloudModelError(
+            f"cloud models are not available through this gateway: {model!r}", model=model
+        )
     if kind is EndpointKind.SHOW:
         return BodyFacts(
             model=model, stream=False, max_output_tokens=None, prompt_tokens=0, fields=body
@@ -347,7 +354,7 @@ def read_body(
     _check_context(body)
     if kind is EndpointKind.EMBED:
         _require_input(body, surface, kind)
-        tokens = prompt_tokens(body, image_tokens=image_tokens)
+        tokens = prompt_tokens(body, image_tokens=image_tokens, templated=False)
         return BodyFacts(
             model=model, stream=False, max_output_tokens=0, prompt_tokens=tokens, fields=body
         )

@@ -38,8 +38,9 @@ from policyd.authz.screening import (
 )
 from policyd.authz.services import Services
 from policyd.authz.upstreams import RouteKind
-from policyd.shared.contract import H_LISTING, H_ROUTE, Surface
+from policyd.shared.contract import H_LISTING, H_REFUSED, H_ROUTE, Refused, Surface
 from policyd.shared.errors import StoreUnavailable
+from policyd.shared.keys import parse_key
 
 __all__ = ["Verdict", "decide_authz", "decide_key"]
 
@@ -64,9 +65,35 @@ class Verdict:
     surface: Surface | None = None
 
 
-def _refused(refusal: Refusal, surface: Surface, request_id: str) -> Verdict:
+def _refused(
+    refusal: Refusal, surface: Surface, request_id: str, who: Refused | None = None
+) -> Verdict:
     status, body, headers = render(refusal, surface, request_id=request_id)
+    if who is not None:
+        # For the audit only: Caddy logs it and removes it from the client's answer.
+        headers.append((H_REFUSED, who.encode()))
     return Verdict(status, headers, body, code=refusal.reason.value, surface=surface)
+
+
+def _verified(record: KeyRecord, model: str | None) -> Refused:
+    return Refused(
+        key_id=record.key_id, key_prefix=record.prefix, tenant_id=record.tenant_id, model=model
+    )
+
+
+def _claimed(authorization: str | None) -> Refused | None:
+    """The prefix a key that failed verification claims, if it is well-formed."""
+    scheme, _, token = (authorization or "").partition(" ")
+    parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
+    return Refused(claimed_prefix=parsed.prefix) if parsed is not None else None
+
+
+def _model_of(screened: Screened) -> str | None:
+    if screened.facts is not None and screened.facts.model is not None:
+        return screened.facts.model
+    if screened.endpoint is not None and screened.endpoint.path_model is not None:
+        return screened.endpoint.path_model
+    return screened.refused_model
 
 
 async def _verified_key(
@@ -91,7 +118,7 @@ async def _verified_key(
         refusal = Refusal(
             reason=result.refusal, message=_AUTH_MESSAGES[result.refusal], headers=retry
         )
-        return _refused(refusal, screened.surface, request_id)
+        return _refused(refusal, screened.surface, request_id, _claimed(authorization))
     return result.record
 
 
@@ -141,13 +168,15 @@ async def decide_authz(
         max_body_bytes=settings.max_body_bytes,
         image_tokens=settings.image_tokens,
     )
+    # Every refusal from here on names the verified key (and the model, once read).
+    who = _verified(record, _model_of(screened))
     if screened.refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, screened.refusal.reason)
-        return _refused(screened.refusal, screened.surface, request_id)
+        return _refused(screened.refusal, screened.surface, request_id, who)
     policy_refusal = check_key_policy(screened, record)
     if policy_refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, policy_refusal.reason)
-        return _refused(policy_refusal, screened.surface, request_id)
+        return _refused(policy_refusal, screened.surface, request_id, who)
     route: str | None = None
     if services.upstreams.multi and (model := _requested_model(screened)) is not None:
         found = await services.upstreams.route_or_recheck(model)
@@ -155,12 +184,12 @@ async def decide_authz(
             # Every host answered and none has it: Ollama would say the same, in a 404.
             _log.info("refused %s: model %r on no host", request_id, model)
             refusal = Refusal(reason=Reason.MODEL_NOT_FOUND, message=f"model {model!r} not found")
-            return _refused(refusal, screened.surface, request_id)
+            return _refused(refusal, screened.surface, request_id, who)
         route = found.header
     normalised = normalised_body(screened, record, default_output=settings.default_output_tokens)
     if isinstance(normalised, Refusal):
         _log.info("refused %s for key %s: %s", request_id, record.prefix, normalised.reason)
-        return _refused(normalised, screened.surface, request_id)
+        return _refused(normalised, screened.surface, request_id, who)
     listing: str | None = None
     if screened.endpoint is not None and screened.endpoint.path in LISTING_PATHS:
         allowed = allowed_models(record)
@@ -175,7 +204,7 @@ async def decide_authz(
                 )
         except ListingUnavailable as exc:
             _log.warning("failing closed for %s: %s", request_id, exc)
-            return _refused(_UNAVAILABLE, screened.surface, request_id)
+            return _refused(_UNAVAILABLE, screened.surface, request_id, who)
     reserved = reservation(screened, normalised)
     try:
         admission = await services.limiter.admit(
@@ -184,13 +213,13 @@ async def decide_authz(
     except StoreUnavailable as exc:
         metrics.store_error(exc)
         _log.warning("failing closed for %s: %s", request_id, exc)
-        return _refused(_UNAVAILABLE, screened.surface, request_id)
+        return _refused(_UNAVAILABLE, screened.surface, request_id, who)
     if admission.refusal is not None:
         _log.info("refused %s for key %s: %s", request_id, record.prefix, admission.refusal.reason)
         limited = attrs.evolve(
             admission.refusal, headers=admission.refusal.headers + admission.headers
         )
-        return _refused(limited, screened.surface, request_id)
+        return _refused(limited, screened.surface, request_id, who)
     upstream = admit(
         screened,
         record,

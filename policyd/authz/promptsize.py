@@ -4,8 +4,10 @@ The reservation must hold everything Ollama tokenises, not only the prompt text:
 `context` ids of a generate call (tokens already, counted exactly), images (each costs a
 model-dependent number of tokens; the operator sets one figure, `NZ_IMAGE_TOKENS`),
 tools, `system`, `template`, `suffix`, `format`, and the tool calls of earlier turns.
-Text is counted generously (one token per three characters) so the estimate stays above
-what real tokenisers produce for ordinary text.
+Text is counted generously (one token per three UTF-8 bytes: three ASCII characters, one
+CJK character) so the estimate stays above what real tokenisers produce for ordinary
+text. meterd estimates streamed prompts from this count (the grant's `prompt`), so only
+what Ollama tokenises may count: JSON whitespace, escapes and unknown fields never do.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-__all__ = ["CHARS_PER_TOKEN", "PER_MESSAGE_TOKENS", "prompt_tokens"]
+__all__ = ["CHARS_PER_TOKEN", "PER_MESSAGE_TOKENS", "PER_PROMPT_TOKENS", "prompt_tokens"]
 
 #: A rough, deliberately generous characters-per-token ratio for sizing prompts.
 CHARS_PER_TOKEN: Final = 3
 #: The chat template's framing of one message (role markers, separators).
 PER_MESSAGE_TOKENS: Final = 4
+#: The template's framing of a bare prompt (generate, completions), likewise.
+PER_PROMPT_TOKENS: Final = 4
 #: Top-level text fields Ollama renders into the prompt.
 _TEXT_FIELDS: Final = ("prompt", "system", "suffix", "input", "template")
 #: Top-level structured fields rendered into the prompt as JSON (tool schemas, the
@@ -28,11 +32,16 @@ _JSON_FIELDS: Final = ("tools", "format", "functions")
 _PART_TEXT: Final = ("content", "text", "thinking", "reasoning")
 
 
+def _utf8_len(text: str) -> int:
+    # isascii() is O(1) on str; other scripts take more bytes and more tokens per character.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _json_chars(value: Any) -> int:
     if value is None:
         return 0
     if type(value) is str:
-        return len(value)
+        return _utf8_len(value)
     # Tool schemas and formats are small next to the text; their JSON length is a fair
     # (high) stand-in for what the template writes.
     return len(json.dumps(value, separators=(",", ":")))
@@ -56,11 +65,11 @@ class _Counter:
         # chat walks this for every message. Decoded JSON has no subclasses.
         kind = type(value)
         if kind is str:
-            self.chars += len(value)
+            self.chars += _utf8_len(value)
         elif kind is list:
             for item in value:
                 if type(item) is str:
-                    self.chars += len(item)
+                    self.chars += _utf8_len(item)
                 else:
                     self.text(item)
         elif kind is dict:
@@ -71,7 +80,7 @@ class _Counter:
                 part = value.get(name)
                 if part is not None:
                     if type(part) is str:
-                        self.chars += len(part)
+                        self.chars += _utf8_len(part)
                     else:
                         self.text(part)
             images = value.get("images")
@@ -82,11 +91,14 @@ class _Counter:
                 self.chars += _json_chars(calls)
             name = value.get("tool_name") or value.get("name")
             if type(name) is str:
-                self.chars += len(name)
+                self.chars += _utf8_len(name)
 
 
-def prompt_tokens(body: dict[str, Any], *, image_tokens: int) -> int:
-    """Tokens Ollama would process for `body` (an upper estimate; `context` exactly)."""
+def prompt_tokens(body: dict[str, Any], *, image_tokens: int, templated: bool = True) -> int:
+    """Tokens Ollama would process for `body` (an upper estimate; `context` exactly).
+
+    `templated`: the model's template wraps a bare prompt (not so for embeddings).
+    """
     counter = _Counter()
     for name in _TEXT_FIELDS:
         value = body.get(name)
@@ -105,4 +117,6 @@ def prompt_tokens(body: dict[str, Any], *, image_tokens: int) -> int:
     context = body.get("context")
     exact = len(context) if type(context) is list else 0
     text_tokens = -(-counter.chars // CHARS_PER_TOKEN)
+    if templated and messages is None and counter.chars:
+        text_tokens += PER_PROMPT_TOKENS
     return text_tokens + count * PER_MESSAGE_TOKENS + exact + counter.images * image_tokens

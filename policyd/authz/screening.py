@@ -71,6 +71,8 @@ class Screened:
     endpoint: Endpoint | None
     facts: BodyFacts | None
     refusal: Refusal | None = None
+    #: The model a refused body named, for the audit (cloud models).
+    refused_model: str | None = None
 
 
 def decode_body_header(value: str | None, *, max_body_bytes: int) -> bytes | Refusal:
@@ -170,7 +172,9 @@ def screen_body(
     try:
         facts = read_body(raw, surface=surface, kind=endpoint.kind, image_tokens=image_tokens)
     except CloudModelError as exc:
-        return _refuse(surface, Reason.CLOUD_MODEL, str(exc))
+        refused = _refuse(surface, Reason.CLOUD_MODEL, str(exc))
+        model = exc.model if _MODEL_NAME.fullmatch(exc.model) else None
+        return attrs.evolve(refused, refused_model=model)
     except BodyError as exc:
         return _refuse(surface, Reason.BAD_BODY, str(exc))
     if facts.model is not None and not _MODEL_NAME.fullmatch(facts.model):

@@ -147,6 +147,8 @@ def _audit_dict(row: Any) -> dict[str, Any]:
         "client_ip": str(row["client_ip"]) if row["client_ip"] is not None else None,
         "user_agent": row["user_agent"],
         "refusal": row["refusal"],
+        # A 401's claimed prefix: never verified, so never shown as the key.
+        "claimed_prefix": row["claimed_prefix"],
         "node": row["node"],
         "upstream": row["upstream"],
     }

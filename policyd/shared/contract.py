@@ -23,15 +23,18 @@ __all__ = [
     "H_RATE_REQUESTS",
     "H_RATE_TOKENS",
     "H_REFUSAL",
+    "H_REFUSED",
     "H_REQUEST_ID",
     "H_ROUTE",
     "H_UPSTREAM_BODY",
     "KEY_PREFIX_LEN",
     "KEY_SCHEME",
     "LOG_GRANT",
+    "LOG_REFUSED",
     "LOG_UPSTREAM",
     "RATE_LIMIT_HEADERS",
     "Grant",
+    "Refused",
     "Surface",
     "admit_script",
     "calendar_day",
@@ -55,6 +58,9 @@ H_REQUEST_ID: Final = "X-Request-Id"
 
 #: On refusals only: a short machine-readable reason code (sent to the client too).
 H_REFUSAL: Final = "X-Nz-Refusal"
+#: On refusals only: who was refused (`Refused.encode`). Caddy logs it as `LOG_REFUSED`
+#: and removes it from the client's answer (forward_auth's `handle_response`).
+H_REFUSED: Final = "X-Nz-Refused"
 
 # What policyd answers on 2xx. Caddy deletes any client-sent copy, then copies these
 # onto the proxied request. Each copied name costs Caddy two routes per request, so the
@@ -101,6 +107,8 @@ RATE_LIMIT_HEADERS: Final = tuple(
 
 #: The top-level access-log field `log_append` fills with the grant after forward_auth.
 LOG_GRANT: Final = "nz_grant"
+#: The top-level access-log field holding `H_REFUSED` of a refusal.
+LOG_REFUSED: Final = "nz_refused"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +157,37 @@ class Grant:
             parts.append(f"reserved={self.reserved}")
         if self.prompt is not None:
             parts.append(f"prompt={self.prompt}")
+        if self.model is not None:
+            parts.append(f"model={self.model}")
+        return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Refused:
+    """Who a refusal was for: the value of `H_REFUSED`.
+
+    A verified key is named by id, prefix and tenant (and the model, once the body was
+    read); a key that failed verification only by the prefix it claimed (`claimed`),
+    which the audit keeps apart so it is never mistaken for a verified one.
+    """
+
+    key_id: str | None = None
+    key_prefix: str | None = None
+    tenant_id: str | None = None
+    model: str | None = None
+    claimed_prefix: str | None = None
+
+    def encode(self) -> str:
+        """`key=… prefix=… tenant=… model=…` or `claimed=nz_…` (as `Grant`, model last)."""
+        parts = []
+        if self.key_id is not None:
+            parts.append(f"key={self.key_id}")
+        if self.key_prefix is not None:
+            parts.append(f"prefix={self.key_prefix}")
+        if self.tenant_id is not None:
+            parts.append(f"tenant={self.tenant_id}")
+        if self.claimed_prefix is not None:
+            parts.append(f"claimed={self.claimed_prefix}")
         if self.model is not None:
             parts.append(f"model={self.model}")
         return " ".join(parts)

@@ -39,7 +39,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, INET, UUID
 from policyd.shared.keyspace import DIMENSIONS
 
 __all__ = [
-    "CALIBRATION_SUMS",
+    "CALIBRATION_FIGURES",
     "LIMIT_COLUMNS",
     "USAGE_SOURCES",
     "api_keys",
@@ -151,18 +151,9 @@ api_keys: Final = Table(
 # meterd's tables.
 
 USAGE_SOURCES: Final = ("exact", "estimated", "reserved")
-CALIBRATION_SUMS: Final = (
-    "weight",
-    "prompt_weight",
-    "prompt_bytes",
-    "prompt_tokens",
-    "prompt_bytes_sq",
-    "prompt_cross",
-    "content_bytes",
-    "completion_tokens",
-    "context_bytes",
-    "context_tokens",
-)
+#: The figures meterd/calibration.py keeps per tenant, model and endpoint: each an
+#: observation count (`_n`) and a value in log space (`_log`).
+CALIBRATION_FIGURES: Final = ("prompt", "reply", "context")
 
 audit_log: Final = Table(
     "audit_log",
@@ -204,6 +195,8 @@ audit_log: Final = Table(
     Column("node", Text, nullable=False),
     #: The Ollama host (host:port) that served it; NULL when none did (refusals).
     Column("upstream", Text),
+    #: A 401's key prefix as the client claimed it: never verified (`key_prefix` is).
+    Column("claimed_prefix", Text),
     Column("settled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("request_id", name="pk_audit_log"),
 )
@@ -262,12 +255,18 @@ meter_checkpoints: Final = Table(
 meter_calibration: Final = Table(
     "meter_calibration",
     metadata,
+    # Each tenant calibrates only its own streamed charges (meterd/calibration.py).
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    #: The canonical model name (folded, default registry and namespace dropped, tag).
     Column("model", Text, nullable=False),
     Column("path", Text, nullable=False),
-    # Exponentially weighted sums over exact observations (meterd/usage.py: SUMS).
-    *(Column(name, Double, nullable=False) for name in CALIBRATION_SUMS),
+    *(
+        Column(f"{figure}_{part}", Double, nullable=False, server_default="0")
+        for figure in CALIBRATION_FIGURES
+        for part in ("n", "log")
+    ),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    PrimaryKeyConstraint("model", "path", name="pk_meter_calibration"),
+    PrimaryKeyConstraint("tenant_id", "model", "path", name="pk_meter_calibration"),
 )
 
 Index("ix_audit_log_ts", audit_log.c.ts)

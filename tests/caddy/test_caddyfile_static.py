@@ -199,8 +199,18 @@ def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: Json
     assert sent[contract.H_BODY] == ["{http.request.body_base64}"]
     assert sent[contract.H_REQUEST_ID] == ["{http.request.uuid}"]
     assert auth["upstreams"] == [{"dial": "unix/" + str(Path(auth["upstreams"][0]["dial"][5:]))}]
-    (on_success,) = auth["handle_response"]
+    on_success, on_refused = auth["handle_response"]
     assert on_success["match"] == {"status_code": [2]}
+    # A refusal's X-Nz-Refused is logged (contract.LOG_REFUSED) and kept from the client.
+    assert on_refused["match"] == {"headers": {contract.H_REFUSED: ["*"]}}
+    refused = [h for route in on_refused["routes"] for h in route["handle"]]
+    assert {
+        "handler": "log_append",
+        "key": contract.LOG_REFUSED,
+        "value": f"{{http.reverse_proxy.header.{contract.H_REFUSED}}}",
+    } in refused
+    deleted = {"handler": "headers", "response": {"deferred": True, "delete": [contract.H_REFUSED]}}
+    assert deleted in refused
     copied = [
         name
         for route in on_success["routes"]
@@ -238,7 +248,7 @@ def test_log_append_fields_match_contract(config: JsonObject) -> None:
         contract.LOG_GRANT: f"{{http.request.header.{contract.H_GRANT}}}",
         contract.LOG_UPSTREAM: "{http.reverse_proxy.upstream.hostport}",
     }
-    bodies = {"resp_body", "req_body", "user_agent", "ttfb_ms"}
+    bodies = {"resp_body", "resp_context", "req_body", "user_agent", "ttfb_ms"}
     assert {key: value for key, (value, _, _) in appended.items() if key not in bodies} == expected
     assert all(index > auth for _, _, index in appended.values())
     value, matchers, _ = appended["resp_body"]
@@ -304,7 +314,13 @@ def test_access_log_rolls_uncompressed_and_filters_headers(
     encoder = access["encoder"]
     assert encoder["format"] == "filter"
     assert encoder["wrap"] == {"format": "json"}
-    assert encoder["fields"] == {"request>headers": {"filter": "delete"}}
+    fields = encoder["fields"]
+    assert fields["request>headers"] == {"filter": "delete"}
+    assert fields["request>uri"] == {"filter": "regexp", "regexp": "\\?.*$"}
+    # One regexp for the counts: multi_regexp cuts its input at 1,000,000 characters.
+    assert fields["resp_body"]["filter"] == "regexp"
+    assert fields["resp_context"]["filter"] == "multi_regexp"
+    assert set(fields) == {"request>headers", "request>uri", "resp_body", "resp_context"}
     default = config["logging"]["logs"]["default"]
     assert default["encoder"] == {"format": "json"}
     assert set(access["include"]) <= set(default["exclude"])

@@ -69,11 +69,12 @@ def test_every_request_yields_exactly_one_audit_row(
         record(client.post("/v1/embeddings", json=embed, headers=auth), api_key[:11])
         record(client.get("/api/tags", headers=auth), api_key[:11])
         record(client.get("/v1/models", headers=auth), api_key[:11])
-        # Refusals: no key, bad body, unknown endpoint, cloud model.
+        # Refusals: no key, bad body, unknown endpoint, cloud model. A body refusal names
+        # the key that sent it; a path refusal comes before the key is looked at.
         record(client.post("/api/chat", json=body), None)
-        record(client.post("/api/chat", content=b"{not json", headers=auth), None)
+        record(client.post("/api/chat", content=b"{not json", headers=auth), api_key[:11])
         record(client.post("/v1/responses", json={}, headers=auth), None)
-        record(client.post("/api/chat", json={"model": "x:cloud"}, headers=auth), None)
+        record(client.post("/api/chat", json={"model": "x:cloud"}, headers=auth), api_key[:11])
     blocked = raw_request(gateway, "POST", "/api/pull", body=b"{}")
     sent.append((blocked.headers["x-request-id"], blocked.status, None))
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Final
 
-from policyd.shared.contract import LOG_GRANT, Grant, parse_grant
+from policyd.shared.contract import LOG_GRANT, LOG_REFUSED, Grant, parse_grant
 
 __all__ = [
     "KEY_ID",
@@ -59,7 +59,9 @@ def caddy_line(
     req_body: str | None = None,
     prompt_log: bool = False,
     reserved: int | None = 1000,
+    counted: int | None = None,
     refusal: str | None = None,
+    refused: str | None = None,
     key_id: str = KEY_ID,
     tenant_id: str = TENANT_ID,
     extra: dict[str, Any] | None = None,
@@ -104,8 +106,11 @@ def caddy_line(
             capture=resp_body is not None,
             prompt_log=prompt_log,
             reserved=reserved,
+            prompt=counted,
             model=model,
         ).encode()
+    elif refused is not None:
+        line[LOG_REFUSED] = refused
     line["ttfb_ms"] = 12.5
     if resp_body is not None:
         line["resp_body"] = resp_body

@@ -199,19 +199,20 @@ async def test_expired_prompts_are_pruned(stores: Stores) -> None:
 
 
 async def test_calibration_is_stored_as_learnt(stores: Stores, key: KeyRecord) -> None:
-    """What the database accumulates equals what one process learns, observation by one."""
-    records = [_exact(key, 10 + n, 5 + n, bytes_read=100 + 10 * n) for n in range(5)]
+    """What the database accumulates equals what one process learns, batch by batch."""
+    records = [_exact(key, 30 + 3 * n, 5 + n, counted=50) for n in range(5)]
     store = stores.store()
     await store.settle(_batch(records[:2]), resume=_position(0))
     await store.settle(_batch(records[2:], offset=200), resume=_position(100))
     local = Calibration()
-    for record in records:
-        assert record.observation is not None
-        local.learn(record.observation)
-    stored = {(r.model, r.path): r for r in await store.load_calibration()}
-    assert stored.keys() == local.rows().keys()
+    for batch in (records[:2], records[2:]):
+        observations = [r.observation for r in batch if r.observation is not None]
+        assert len(observations) == len(batch)
+        local.learn(observations)
+    stored = {(r.tenant, r.model, r.path): r for r in await store.load_calibration()}
+    assert stored.keys() == local.rows().keys() == {(key.tenant_id, "llama3.2:latest", "/api/chat")}
     for name, row in local.rows().items():
-        for field in ("weight", "prompt_cross", "content_bytes", "completion_tokens"):
-            assert abs(getattr(stored[name], field) - getattr(row, field)) < 1e-6, field
+        for field in ("prompt_n", "prompt_log", "reply_n", "reply_log"):
+            assert abs(getattr(stored[name], field) - getattr(row, field)) < 1e-9, field
     assert await _count(stores.engine, meter_calibration) == 1
     assert isinstance(next(iter(stored.values())), CalibrationRow)

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from compose.standin.gojson import encode as go_encode
-from meterd.envelope import envelope_for, go_json_len
+from meterd.calibration import FIGURES
+from meterd.envelope import envelope_for, go_json_len, whole_overhead
 from meterd.parse import Event, parse_line
 from meterd.usage import (
-    SUMS,
     Calibration,
-    CalibrationRow,
-    Observation,
     Source,
     exact_counts,
     measure,
     model_key,
 )
-from policyd.shared.tables import CALIBRATION_SUMS, meter_calibration
-from tests.meterd.lines import caddy_line, encode
+from policyd.shared.tables import CALIBRATION_FIGURES, meter_calibration
+from tests.meterd.lines import TENANT_ID, caddy_line, encode
 
 
 def _event(**fields: object) -> Event:
@@ -57,6 +53,16 @@ _BODIES = {
         '{"response":"a","done":false}\n{"done":true,"prompt_eval_count":3,"eval_count":1}\n',
         (3, 1),
     ),
+    # What Caddy's log filter keeps of a reply (caddy/gateway.caddy).
+    "filtered native": (',"done":true,"prompt_eval_count":19,"eval_count":12,', (19, 12)),
+    "filtered zero prompt": (',"done":true,,"eval_count":12,', (0, 12)),
+    "filtered embed": (',,"prompt_eval_count":8,,', (8, 0)),
+    "filtered openai": (
+        ',,,,"usage":{"prompt_tokens":26,"completion_tokens":2,"total_tokens":28}',
+        (26, 2),
+    ),
+    "filtered load": (',"done":true,,,', (0, 0)),
+    "filtered error": ('"error",,,,', (0, 0)),
 }
 
 
@@ -69,7 +75,8 @@ def test_exact_counts_from_captured_bodies(body: str, expected: tuple[int, int])
 
 
 @pytest.mark.parametrize(
-    "body", ["", "not json", "[1,2]", '{"usage":{"prompt_tokens":"many"}}', '{"hello":1}']
+    "body",
+    ["", "not json", "[1,2]", '{"usage":{"prompt_tokens":"many"}}', '{"hello":1}', ",,,,"],
 )
 def test_unreadable_capture_is_charged_at_the_reservation(body: str) -> None:
     """A capture without counts is settled fail-closed at what admission reserved."""
@@ -79,21 +86,22 @@ def test_unreadable_capture_is_charged_at_the_reservation(body: str) -> None:
 
 
 def test_captured_body_gives_exact_usage_and_an_observation() -> None:
-    """A captured non-streamed chat is exact, and teaches the model's bytes per token."""
-    body = json.dumps(
-        {"message": {"content": "Hello <b>"}, "done": True, "prompt_eval_count": 7, "eval_count": 4}
-    )
-    measured = measure(_event(stream=False, resp_body=body, bytes_read=90), Calibration())
-    assert (measured.usage.prompt_tokens, measured.usage.completion_tokens) == (7, 4)
+    """A captured non-streamed chat is exact, and teaches its tenant's figures."""
+    text = "Hello <b> " * 10
+    prompt, completion = 40, 30
+    size = round(whole_overhead("/api/chat", "llama3.2", prompt=prompt, completion=completion))
+    size += go_json_len(text)
+    body = f',"done":true,"prompt_eval_count":{prompt},"eval_count":{completion},'
+    event = _event(stream=False, resp_body=body, bytes_read=90, size=size, counted=50)
+    measured = measure(event, Calibration())
+    assert (measured.usage.prompt_tokens, measured.usage.completion_tokens) == (40, 30)
     assert measured.usage.source is Source.EXACT
-    assert measured.observation == Observation(
-        model="llama3.2:latest",
-        path="/api/chat",
-        prompt_bytes=90,
-        prompt_tokens=7,
-        content_bytes=go_json_len("Hello <b>"),
-        completion_tokens=4,
-    )
+    obs = measured.observation
+    assert obs is not None
+    assert (obs.tenant, obs.model, obs.path) == (TENANT_ID, "llama3.2:latest", "/api/chat")
+    assert obs.prompt == pytest.approx(40 / 50)
+    assert obs.reply == pytest.approx(go_json_len(text) / completion, abs=0.05)
+    assert obs.context is None
 
 
 @pytest.mark.parametrize(
@@ -104,7 +112,11 @@ def test_captured_body_gives_exact_usage_and_an_observation() -> None:
         ({"stream": True, "status": 404, "size": 40}, Source.ESTIMATED, 0),
         ({"stream": False, "reserved": 300}, Source.RESERVED, 300),
         ({"stream": False, "reserved": None}, Source.RESERVED, 0),
-        ({"path": "/api/embeddings", "stream": False, "bytes_read": 100}, Source.ESTIMATED, 20),
+        (
+            {"path": "/api/embeddings", "stream": False, "bytes_read": 100, "counted": 20},
+            Source.ESTIMATED,
+            22,  # policyd's count at the prior ratio (1.1)
+        ),
     ],
     ids=[
         "refused",
@@ -145,52 +157,31 @@ def test_go_json_len_matches_gos_encoder(text: str) -> None:
 def test_estimate_inverts_the_envelope(path: str) -> None:
     """A stream of N chunks of known text size is estimated as N tokens."""
     calibration = Calibration()
-    obs = Observation(
-        model="llama3.2:latest",
-        path=path,
-        prompt_bytes=0,
-        prompt_tokens=0,
-        content_bytes=400,
-        completion_tokens=100,
-    )
-    calibration.learn(obs)
     envelope = envelope_for(path, "llama3.2")
     tokens = 250
+    prompt = calibration.figure("prompt", TENANT_ID, "llama3.2:latest", path) * 100
     size = round(envelope.fixed + tokens * (envelope.per_chunk + 4.0))
     if envelope.context:
-        size += round(calibration.context_bytes_per_token("llama3.2:latest") * tokens)
-    event = _event(path=path, size=size, bytes_read=0, stream=True)
+        size += round(6.0 * (tokens + round(prompt)))
+    event = _event(path=path, size=size, bytes_read=0, stream=True, counted=100)
     usage = measure(event, calibration).usage
     assert usage.source is Source.ESTIMATED
+    assert usage.prompt_tokens == round(prompt)
     assert usage.completion_tokens == tokens
-
-
-def test_prompt_fit_is_a_line_over_body_bytes() -> None:
-    """Prompt tokens are fitted as overhead + rate * bytes from exact observations."""
-    row = CalibrationRow(model="m:latest", path="/api/chat")
-    for size in (100, 200, 400, 800, 1600):
-        obs = Observation(
-            model="m:latest",
-            path="/api/chat",
-            prompt_bytes=size,
-            prompt_tokens=10 + size // 4,
-            content_bytes=0,
-            completion_tokens=0,
-        )
-        row = row.learn(obs)
-    fitted = row.prompt_tokens_for(1000)
-    assert fitted is not None
-    assert fitted == pytest.approx(260, rel=0.01)
 
 
 def test_model_key_folds_like_ollama() -> None:
     """Model spellings that Ollama treats as one model share one calibration."""
     assert model_key("Llama3.2") == model_key("llama3.2:latest") == "llama3.2:latest"
+    assert model_key("registry.ollama.ai/library/llama3.2:latest") == "llama3.2:latest"
+    assert model_key("library/LLAMA3.2") == "llama3.2:latest"
     assert model_key("qwen2.5-coder:7b") == "qwen2.5-coder:7b"
+    assert model_key("hf.co/org/m:q4") == "hf.co/org/m:q4"
     assert model_key(None) == "?"
 
 
-def test_calibration_table_has_every_sum() -> None:
-    """The stored calibration columns are exactly the sums the estimator keeps."""
-    assert CALIBRATION_SUMS == SUMS
-    assert set(CALIBRATION_SUMS) <= set(meter_calibration.c.keys())
+def test_calibration_table_has_every_figure() -> None:
+    """The stored calibration columns are exactly the figures the estimator keeps."""
+    assert CALIBRATION_FIGURES == FIGURES
+    for figure in FIGURES:
+        assert {f"{figure}_n", f"{figure}_log"} <= set(meter_calibration.c.keys())

@@ -174,10 +174,10 @@ def test_arbitrary_objects_never_crash_the_reader(obj: dict[str, object]) -> Non
 
 
 def _reference_chars(value: object) -> int:
-    # The estimate's definition, written plainly: text in strings, lists, and the
-    # content/text/thinking fields of objects.
+    # The estimate's definition, written plainly: UTF-8 bytes of text in strings, lists,
+    # and the content/text/thinking fields of objects.
     if isinstance(value, str):
-        return len(value)
+        return len(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, list):
         return sum(_reference_chars(item) for item in value)
     if isinstance(value, dict):
@@ -212,6 +212,29 @@ def test_prompt_estimate_counts_text_anywhere(messages: list[object], prompt: ob
     chars = _reference_chars(messages) + _reference_chars(prompt)
     expected = -(-chars // 3) + 4 * len(messages)
     assert facts(body).prompt_tokens == expected  # type: ignore[attr-defined]
+
+
+def test_prompt_estimate_ignores_padding_and_counts_what_ollama_tokenises() -> None:
+    """Unknown fields and JSON whitespace cost nothing; context ids, images and tools count."""
+    base = {"model": "m", "prompt": "Tell me about rivers."}
+    plain = facts(base).prompt_tokens  # type: ignore[attr-defined]
+    padded = json.dumps({**base, "padding": "x" * 60_000}, indent=40).encode() + b" " * 100_000
+    assert read_body(padded, surface=OLLAMA, kind=GEN).prompt_tokens == plain
+    assert facts({**base, "context": list(range(500))}).prompt_tokens == plain + 500  # type: ignore[attr-defined]
+    tools = [{"type": "function", "function": {"name": "weather", "description": "x" * 300}}]
+    assert facts({**base, "tools": tools}).prompt_tokens > plain + 100  # type: ignore[attr-defined]
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert facts(chat).prompt_tokens == 1 + 4  # type: ignore[attr-defined]
+    # A bare prompt is framed by the template too; an embedding input is not.
+    assert plain == -(-len("Tell me about rivers.") // 3) + 4
+
+
+@pytest.mark.parametrize("field", ["CONTEXT", "Images", "TOOLS", "Template"])
+def test_case_variants_of_counted_fields_are_refused(field: str) -> None:
+    """Go would read `CONTEXT` as `context`; a count that skipped it would under-reserve."""
+    raw = json.dumps({"model": "m", "prompt": "x", field: []}).encode()
+    with pytest.raises(BodyError, match="ambiguous key"):
+        read_body(raw, surface=OLLAMA, kind=GEN)
 
 
 def test_a_duplicate_deep_in_a_long_chat_is_refused() -> None:
