@@ -114,19 +114,10 @@ class BenchRig:
                     name="caddy-bare-paced",
                 )
             )
-            self.gateway_paced: Final = Service(
-                CaddyServer(
-                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
-                    log_dir=logs,
-                    state_dir=self.base_dir / "caddy-paced",
-                    settings={
-                        "NZ_POLICYD_SOCKET": str(self.stack.policyd_socket),
-                        "NZ_OLLAMA_URL": self.paced.launcher.url,
-                        "NZ_ACCESS_LOG": str(logs / "access-paced.log"),
-                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
-                    },
-                    name="caddy-paced",
-                )
+            self.gateway_paced: Final = self._gateway_caddy(
+                "caddy-paced",
+                policyd_socket=self.stack.policyd_socket,
+                ollama_url=self.paced.launcher.url,
             )
             self.null_auth: Final = Service(
                 PolicydServer(
@@ -136,34 +127,15 @@ class BenchRig:
                     name="null-auth",
                 )
             )
-            self.gateway_null: Final = Service(
-                CaddyServer(
-                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
-                    log_dir=logs,
-                    state_dir=self.base_dir / "caddy-null",
-                    settings={
-                        "NZ_POLICYD_SOCKET": str(self.null_auth.launcher.socket_path),
-                        "NZ_OLLAMA_URL": self.stack.ollama_url,
-                        # Its own log, which no meterd reads.
-                        "NZ_ACCESS_LOG": str(logs / "access-null.log"),
-                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
-                    },
-                    name="caddy-null",
-                )
+            self.gateway_null: Final = self._gateway_caddy(
+                "caddy-null",
+                policyd_socket=self.null_auth.launcher.socket_path,
+                ollama_url=self.stack.ollama_url,
             )
-            self.gateway_normalised: Final = Service(
-                CaddyServer(
-                    caddyfile=REPO_ROOT / "caddy" / "Caddyfile",
-                    log_dir=logs,
-                    state_dir=self.base_dir / "caddy-normalised",
-                    settings={
-                        "NZ_POLICYD_SOCKET": str(self.stack.policyd_socket),
-                        "NZ_OLLAMA_URL": self.stack.ollama_url,
-                        "NZ_ACCESS_LOG": str(logs / "access-normalised.log"),
-                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
-                    },
-                    name="caddy-normalised",
-                )
+            self.gateway_normalised: Final = self._gateway_caddy(
+                "caddy-normalised",
+                policyd_socket=self.stack.policyd_socket,
+                ollama_url=self.stack.ollama_url,
             )
             self.policyd_untouched: Final = Service(
                 PolicydServer(
@@ -176,19 +148,11 @@ class BenchRig:
                     name="policyd-untouched",
                 )
             )
-            self.gateway_untouched: Final = Service(
-                CaddyServer(
-                    caddyfile=untouched_caddyfile(self.base_dir / "caddy-untouched-config"),
-                    log_dir=logs,
-                    state_dir=self.base_dir / "caddy-untouched",
-                    settings={
-                        "NZ_POLICYD_SOCKET": str(self.policyd_untouched.launcher.socket_path),
-                        "NZ_OLLAMA_URL": self.stack.ollama_url,
-                        "NZ_ACCESS_LOG": str(logs / "access-untouched.log"),
-                        "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
-                    },
-                    name="caddy-untouched",
-                )
+            self.gateway_untouched: Final = self._gateway_caddy(
+                "caddy-untouched",
+                policyd_socket=self.policyd_untouched.launcher.socket_path,
+                ollama_url=self.stack.ollama_url,
+                caddyfile=untouched_caddyfile(self.base_dir / "caddy-untouched-config"),
             )
             self._extras = (
                 self.paced,
@@ -253,6 +217,31 @@ class BenchRig:
         return any(name == "meterd" for name, _ in self.stack.parts())
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    def _gateway_caddy(
+        self,
+        name: str,
+        *,
+        policyd_socket: Path,
+        ollama_url: str,
+        caddyfile: Path = REPO_ROOT / "caddy" / "Caddyfile",
+    ) -> Service[CaddyServer]:
+        """A gateway Caddy for one comparison, with its own access log (no meterd reads it)."""
+        logs = self.base_dir / "log"
+        return Service(
+            CaddyServer(
+                caddyfile=caddyfile,
+                log_dir=logs,
+                state_dir=self.base_dir / name,
+                settings={
+                    "NZ_POLICYD_SOCKET": str(policyd_socket),
+                    "NZ_OLLAMA_URL": ollama_url,
+                    "NZ_ACCESS_LOG": str(logs / f"access-{name.removeprefix('caddy-')}.log"),
+                    "NZ_MAX_BODY_BYTES": str(self.stack.config.max_body_bytes),
+                },
+                name=name,
+            )
+        )
 
     def start(self) -> None:
         """Start the stack, then the extra stand-in and Caddys; stop everything on failure."""
