@@ -26,12 +26,13 @@ import redis.asyncio as aioredis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meterd.settle import RedisSettlement, settle_in_redis
+from meterd.settle_script import SettleScript
 from meterd.sweep import Sweeper
 from policyd.authz.limits import Limiter
 from policyd.authz.rebuild import TenantLoader
 from policyd.authz.records import KeyRecord, Limits
 from policyd.shared import keyspace
-from policyd.shared.contract import load_script
+from policyd.shared.contract import load_script, release_script
 from policyd.shared.resp import redis_address
 from tests.meterd import records
 from tests.meterd.conftest import Stores
@@ -240,3 +241,22 @@ async def records_admit(redis: aioredis.Redis, key: KeyRecord, *, at: float) -> 
     admission = await limiter.admit(key, request_id=str(request_id), reserve=100)
     assert admission.refusal is None
     return request_id
+
+
+async def test_the_lease_release_declares_every_key(
+    stores: Stores, key: KeyRecord, redis_url: str, monitor: Monitor
+) -> None:
+    """meterd's early lease release (release.lua) touches only the two lease sets it names."""
+    key = limited(key)
+    request_id = await records_admit(stores.redis, key, at=time.time())
+    release = SettleScript(
+        source=release_script(), redis_url=redis_url, redis=stores.redis, timeout_s=5
+    )
+    try:
+        call = keyspace.release_call(
+            tenant_id=key.tenant_id, key_id=key.key_id, request_id=str(request_id)
+        )
+        seen = await watched(stores.redis, monitor, release.run([call]))
+    finally:
+        await release.aclose()
+    assert_declared(seen, key.tenant_id)
