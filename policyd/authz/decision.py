@@ -89,11 +89,9 @@ def _claimed(authorization: str | None) -> Refused | None:
 
 
 def _model_of(screened: Screened) -> str | None:
-    if screened.facts is not None and screened.facts.model is not None:
-        return screened.facts.model
-    if screened.endpoint is not None and screened.endpoint.path_model is not None:
-        return screened.endpoint.path_model
-    return screened.refused_model
+    """The model to name in a refusal: the one requested, else the one refused by name."""
+    model = _requested_model(screened)
+    return model if model is not None else screened.refused_model
 
 
 async def _verified_key(
