@@ -177,7 +177,7 @@ ON CONFLICT (tenant_id, model, path) DO UPDATE SET
 
 _LOAD_CALIBRATION: Final = f"""
 SELECT tenant_id::text AS tenant, model, path, {_FIGURE_COLUMNS} FROM meter_calibration
-"""  # noqa: S608 -- built from constants
+"""  # noqa: S608 -- built from constants # nosec B608
 
 # $1 node, $2 log path, $3-$7 the position, $8-$9 line counts to add, $10 last event.
 _SAVE_CHECKPOINT: Final = f"""

@@ -25,6 +25,7 @@ from policyd.authz.limits import Limiter
 from policyd.authz.rebuild import TenantLoader
 from policyd.authz.services import Services
 from policyd.authz.settings import Settings, load_settings
+from policyd.authz.tarpit import Tarpit
 from policyd.authz.upstreams import UpstreamPool
 from policyd.shared.contract import load_script
 from policyd.shared.resp import RespClient, supports
@@ -93,6 +94,12 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 limiter=limiter,
                 last_used=last_used,
                 upstreams=upstreams,
+                tarpit=Tarpit(
+                    delay_s=settings.auth_tarpit_s,
+                    client_budget=settings.auth_tarpit_client_budget,
+                    window_s=settings.auth_failure_window_s,
+                    max_held=settings.auth_tarpit_max_held,
+                ),
             )
             last_used.start()
             opened.push_async_callback(last_used.stop)

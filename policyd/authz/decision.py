@@ -63,6 +63,10 @@ class Verdict:
     #: The refusal code (None: admitted) and the caller's surface, for the metrics.
     code: str | None = None
     surface: Surface | None = None
+    #: The key failed verification; `repeated`: a failure the key store saw before. The
+    #: server may hold such an answer back (`tarpit.py`).
+    auth_failed: bool = False
+    repeated: bool = False
 
 
 def _refused(
@@ -116,7 +120,8 @@ async def _verified_key(
         refusal = Refusal(
             reason=result.refusal, message=_AUTH_MESSAGES[result.refusal], headers=retry
         )
-        return _refused(refusal, screened.surface, request_id, _claimed(authorization))
+        verdict = _refused(refusal, screened.surface, request_id, _claimed(authorization))
+        return attrs.evolve(verdict, auth_failed=True, repeated=result.repeated)
     return result.record
 
 

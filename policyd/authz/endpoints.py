@@ -66,6 +66,8 @@ async def statsz(request: Request[Any, Any, Any]) -> Response[bytes]:
         "argon2_throttled": keys.lanes.throttled,
         "auth_failures_remembered": keys.failures_remembered,
         "auth_failures_over_budget": keys.failures_over_budget,
+        "auth_refusals_held": services.tarpit.held,
+        "auth_refusals_overflowed": services.tarpit.overflowed,
         "bodies_screened": services.stats.bodies_screened,
     }
     return Response(content=msgspec.json.encode(body), media_type=_JSON)

@@ -20,7 +20,7 @@ from litestar import Litestar
 from policyd.authz import metrics
 from policyd.authz.decision import decide_authz, decide_key
 from policyd.authz.services import Services
-from policyd.shared.contract import AUTHZ_KEY_PATH, AUTHZ_PATH, H_BODY, H_REQUEST_ID
+from policyd.shared.contract import AUTHZ_KEY_PATH, AUTHZ_PATH, H_BODY, H_CLIENT, H_REQUEST_ID
 
 __all__ = ["PolicyApp"]
 
@@ -36,12 +36,14 @@ _METHOD: Final = 1
 _TARGET: Final = 2
 _BODY: Final = 3
 _REQUEST_ID: Final = 4
+_CLIENT: Final = 5
 _WANTED: Final = {
     b"authorization": _AUTHORIZATION,
     b"x-forwarded-method": _METHOD,
     b"x-forwarded-uri": _TARGET,
     H_BODY.lower().encode(): _BODY,
     H_REQUEST_ID.lower().encode(): _REQUEST_ID,
+    H_CLIENT.lower().encode(): _CLIENT,
 }
 _AUTHZ_PATHS: Final = frozenset({AUTHZ_PATH, AUTHZ_KEY_PATH})
 _NOT_ALLOWED: Final = {
@@ -76,12 +78,12 @@ class PolicyApp:
             await send(_NOT_ALLOWED)
             await send({"type": "http.response.body", "body": b""})
             return
-        found: list[bytes | None] = [None, None, None, None, None]
+        found: list[bytes | None] = [None, None, None, None, None, None]
         for name, value in scope["headers"]:
             index = _WANTED.get(name)
             if index is not None and found[index] is None:
                 found[index] = value
-        authorization, method, target, body, request_id = (
+        authorization, method, target, body, request_id, client = (
             None if raw is None else raw.decode("latin-1") for raw in found
         )
         started = time.perf_counter()
@@ -112,6 +114,10 @@ class PolicyApp:
         # A passed key check decides nothing: the request's /authz call is counted.
         if verdict.code is not None or scope["path"] != AUTHZ_KEY_PATH:
             metrics.decided(verdict.code, verdict.surface, time.perf_counter() - started)
+        if verdict.auth_failed:
+            # A client that keeps failing waits for its answer (the loop it would run
+            # costs every tenant CPU); a first failure is answered at once.
+            await self._services_now().tarpit.hold(client, repeated=verdict.repeated)
         await _respond(send, verdict.status, verdict.headers, verdict.body)
 
 

@@ -72,6 +72,13 @@ class AuthResult:
     refusal: Reason | None = None
     #: For a throttled prefix: seconds until verification is tried again.
     retry_after_s: int | None = None
+    #: A failure seen before (this secret already failed, or its prefix is over budget):
+    #: its answer may be held back (`tarpit.py`).
+    repeated: bool = False
+
+
+def _throttled(retry_after_s: int) -> AuthResult:
+    return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=retry_after_s, repeated=True)
 
 
 def key_lookup_query(prefix: str) -> sa.Select[tuple[object, ...]]:
@@ -197,17 +204,17 @@ class KeyStore:
         seen = await self._failures.look(prefix, digest)
         if seen.remembered:
             self.failures_remembered += 1
-            return AuthResult(None, Reason.INVALID_KEY)
+            return AuthResult(None, Reason.INVALID_KEY, repeated=True)
         if seen.failures >= self._settings.auth_failure_budget:
             self.failures_over_budget += 1
-            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=max(seen.window_left_s, 1))
+            return _throttled(max(seen.window_left_s, 1))
         if seen.failures > 0 and not self.lanes.take_suspect_token():
-            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=1)
+            return _throttled(1)
         attempt = await self._failures.admit(prefix)
         if attempt > self._settings.auth_failure_budget:
             # Concurrent requests got here first and spent the budget.
             self.failures_over_budget += 1
-            return AuthResult(None, Reason.KEY_THROTTLED, retry_after_s=1)
+            return _throttled(1)
         # Only the prefix's first check in a window takes the clean lane.
         suspect = attempt > 1
         if cached is None:

@@ -37,6 +37,7 @@ __all__ = [
     "KEY_CACHE",
     "STORE_ERRORS",
     "argon2_run",
+    "auth_held",
     "decided",
     "exposition",
     "failed",
@@ -70,6 +71,12 @@ KEY_CACHE: Final = Counter(
 ARGON2_RUNS: Final = Counter(
     "nz_policyd_argon2_runs",
     "Argon2id verifications (each is a key-cache miss for a prefix Postgres knows).",
+)
+AUTH_HELD: Final = Counter(
+    "nz_policyd_auth_held",
+    "Repeated authentication failures whose answer was held back (held), or answered at "
+    "once because the most were already waiting (overflow).",
+    ["outcome"],
 )
 STORE_ERRORS: Final = Counter(
     "nz_policyd_store_errors",
@@ -117,6 +124,10 @@ def key_cache(cache: str, *, hit: bool) -> None:
 
 def argon2_run() -> None:
     ARGON2_RUNS.inc()
+
+
+def auth_held(*, overflow: bool) -> None:
+    AUTH_HELD.labels("overflow" if overflow else "held").inc()
 
 
 def store_error(exc: BaseException) -> None:

@@ -12,6 +12,7 @@ from policyd.authz.lastused import LastUsedTracker
 from policyd.authz.limits import Limiter
 from policyd.authz.settings import Settings
 from policyd.authz.stats import Stats
+from policyd.authz.tarpit import Tarpit
 from policyd.authz.upstreams import UpstreamPool
 
 __all__ = ["Services"]
@@ -29,4 +30,5 @@ class Services:
     limiter: Limiter
     last_used: LastUsedTracker
     upstreams: UpstreamPool
+    tarpit: Tarpit
     stats: Stats = attrs.field(factory=Stats)

@@ -23,6 +23,9 @@ _MIN_SECRET_LEN: Final = 32
 #: Default lease beyond the longest request: time for meterd to read the request's line.
 _LEASE_MARGIN_S: Final = 15.0
 _MAX_CONCURRENCY_WAIT_MS: Final = 10_000
+#: A held refusal keeps a Caddy connection and a policyd task: bounded in time and number.
+_MAX_TARPIT_MS: Final = 10_000
+_MAX_TARPIT_HELD: Final = 10_000
 
 
 @attrs.frozen(kw_only=True)
@@ -75,6 +78,13 @@ class Settings:
     auth_failure_budget: int = 10
     #: Argon2id hashes a second (per process) for prefixes that failed recently.
     auth_suspect_per_s: float = 4.0
+    #: How long the answer to a repeated authentication failure is held back (0: never).
+    auth_tarpit_s: float = 1.0
+    #: Failures a client may have in `auth_failure_window_s` before all its failures are
+    #: held back, whatever key they name.
+    auth_tarpit_client_budget: int = 30
+    #: Answers held back at once (per process); past it, repeats are answered at once.
+    auth_tarpit_max_held: int = 256
     log_level: str = "INFO"
 
     @property
@@ -118,6 +128,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     failure_window = read.number("NZ_AUTH_FAILURE_WINDOW_S", 60, integer=True)
     failure_budget = read.number("NZ_AUTH_FAILURE_BUDGET", 10, integer=True)
     suspect_rate = read.number("NZ_AUTH_SUSPECT_PER_S", 4.0)
+    tarpit_ms = read.number("NZ_AUTH_TARPIT_MS", 1000, integer=True, above=-1)
+    if tarpit_ms > _MAX_TARPIT_MS:
+        read.errors.append(f"NZ_AUTH_TARPIT_MS must be at most {_MAX_TARPIT_MS}")
+    tarpit_budget = read.number("NZ_AUTH_TARPIT_CLIENT_BUDGET", 30, integer=True)
+    tarpit_held = read.number("NZ_AUTH_TARPIT_MAX_HELD", 256, integer=True)
+    if tarpit_held > _MAX_TARPIT_HELD:
+        read.errors.append(f"NZ_AUTH_TARPIT_MAX_HELD must be at most {_MAX_TARPIT_HELD}")
     if read.errors:
         raise SettingsError("invalid configuration: " + "; ".join(read.errors))
     return Settings(
@@ -140,4 +157,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         auth_failure_window_s=int(failure_window),
         auth_failure_budget=int(failure_budget),
         auth_suspect_per_s=suspect_rate,
+        auth_tarpit_s=tarpit_ms / 1000,
+        auth_tarpit_client_budget=int(tarpit_budget),
+        auth_tarpit_max_held=int(tarpit_held),
     )

@@ -18,6 +18,7 @@ __all__ = [
     "AUTHZ_PATH",
     "COPIED_HEADERS",
     "H_BODY",
+    "H_CLIENT",
     "H_GRANT",
     "H_LISTING",
     "H_RATE_REQUESTS",
@@ -53,6 +54,9 @@ AUTHZ_KEY_PATH: Final = "/authz/key"
 
 #: Request header Caddy fills with `{http.request.body_base64}` for policyd only.
 H_BODY: Final = "X-Nz-Body"
+#: Caddy's `{http.vars.client_ip}` (the remote address, or what trusted proxies say):
+#: whose authentication failures are counted (authz/tarpit.py).
+H_CLIENT: Final = "X-Nz-Client"
 #: Caddy's `{http.request.uuid}`: one id for policyd, Ollama and the access log.
 H_REQUEST_ID: Final = "X-Request-Id"
 

@@ -303,3 +303,46 @@ def test_a_valid_key_with_odd_spacing_or_a_chunked_body_reaches_ollama_whole(
     assert len(sizes) == 4
     assert len(set(sizes)) == 1
     assert sizes[0] > 200_000
+
+
+def _from(source: str, gateway: str, key: str | None) -> httpx.Response:
+    """A chat sent from the loopback address `source`: Caddy's client_ip for it."""
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=60) as client:
+        return client.post(f"{gateway}/api/chat", headers=headers, json=CHAT)
+
+
+def test_a_repeated_wrong_secret_waits_for_its_refusal(
+    stack: Stack, gateway: str, api_key: str
+) -> None:
+    """The first failure is answered at once; the same wrong secret again is held back."""
+    wrong = unknown_prefix_key()
+    before = counters(stack.policyd_socket)
+    assert _from("127.0.0.21", gateway, wrong).status_code == 401
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 0
+    reply = _from("127.0.0.21", gateway, wrong)
+    assert reply.status_code == 401
+    assert reply.headers["x-nz-refusal"] == "invalid_api_key"
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
+    # The same client's valid key is never held.
+    assert _from("127.0.0.21", gateway, api_key).status_code == 200
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
+
+
+def test_a_client_past_its_failure_budget_waits_for_every_refusal(
+    stack: Stack, gateway: str, api_key: str
+) -> None:
+    """Past NZ_AUTH_TARPIT_CLIENT_BUDGET failures, even first-time failures of that client
+    are held; another client's are not, and the failing client's valid key still passes."""
+    budget = 30  # policyd's default NZ_AUTH_TARPIT_CLIENT_BUDGET
+    before = counters(stack.policyd_socket)
+    for _ in range(budget):
+        assert _from("127.0.0.22", gateway, None).status_code == 401
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 0
+    reply = _from("127.0.0.22", gateway, unknown_prefix_key())
+    assert reply.status_code == 401
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
+    assert _from("127.0.0.23", gateway, None).status_code == 401
+    assert _from("127.0.0.22", gateway, api_key).status_code == 200
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
