@@ -28,8 +28,10 @@ __all__ = [
     "Generation",
     "Job",
     "Refusal",
+    "output_bound",
     "prepare_chat",
     "prepare_generate",
+    "runner_context",
     "runner_options",
 ]
 
@@ -39,8 +41,14 @@ __all__ = [
 RUNNER_OPTIONS: Final = frozenset(
     ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa")
 )
-#: Ollama's default context window when a request names none.
+#: Ollama's default context window when a request names none: the server's default
+#: (`server/routes.go` Serve: 4096 below 23 GiB of VRAM, unless OLLAMA_CONTEXT_LENGTH).
 DEFAULT_NUM_CTX: Final = 4096
+#: The smallest window a runner is given (`server/sched.go`, Scheduler.getRunner).
+MIN_NUM_CTX: Final = 4
+#: Context windows an open-ended generation may fill (`llm/llama_server.go`,
+#: openEndedGenerationContextMultiplier).
+OPEN_ENDED_WINDOWS: Final = 10
 #: Prompt tokens one image costs (a CLIP-style 24x24 patch grid, as llava's projector).
 IMAGE_TOKENS: Final = 576
 
@@ -102,14 +110,38 @@ def runner_options(options: Any) -> tuple[tuple[str, object], ...]:
     return tuple(sorted((k, v) for k, v in options.items() if k in RUNNER_OPTIONS))
 
 
-def _bounded_num_predict(num_predict: int, options: Any) -> int:
-    """Ollama's bound on output (`llm/server.go`, Completion): a negative num_predict, or
-    one above ten context windows, becomes ten context windows."""
+def runner_context(card: ModelCard, options: Any) -> int:
+    """The context window of the runner that serves the request, sized as Ollama 0.32.15 does.
+
+    A named num_ctx (a float truncated, as `api/types.go` Options.FromMap does; 0 and
+    negatives included), else the server default (`server/routes.go` modelOptions); then
+    at least MIN_NUM_CTX (`server/sched.go` getRunner) and at most the model's training
+    context (`llm/server.go` NewLlamaServer).
+    """
     num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
-    window = int(num_ctx) if isinstance(num_ctx, int | float) and num_ctx > 0 else DEFAULT_NUM_CTX
-    if num_predict < 0 or num_predict > 10 * window:
-        return 10 * window
-    return num_predict
+    window = DEFAULT_NUM_CTX
+    if isinstance(num_ctx, int | float) and not isinstance(num_ctx, bool):
+        window = max(int(num_ctx), MIN_NUM_CTX)
+    return min(window, card.context_length) if card.context_length > 0 else window
+
+
+def output_bound(num_predict: int, window: int) -> int | None:
+    """The most tokens Ollama lets a generation produce; None when Ollama sets no bound.
+
+    Modelled on `llm/llama_server.go` boundedNumPredict, which llamaServerRunner's
+    Completion and Chat apply: a negative num_predict (-1, the default; -2 is not special)
+    or one above ten windows becomes ten windows. 0 passes through unchanged, and the
+    completion request to llama-server omits it (`n_predict,omitempty`), so generation
+    runs to a stop token or stop sequence. (A model chatting through llama-server's own
+    template gets `n_predict: 0` sent as is; the stand-in models the Ollama-rendered
+    path every generate and most chats take.) Context shift is on by default
+    (`server/sched.go` resolveContextShift), so filling the window does not end a
+    generation; `shift: false`, under which it would, is not modelled.
+    """
+    if num_predict == 0:
+        return None
+    limit = OPEN_ENDED_WINDOWS * window
+    return limit if num_predict < 0 or num_predict > limit else num_predict
 
 
 def _extra_prompt_tokens(fields: Mapping[str, Any]) -> int:
@@ -187,8 +219,8 @@ def _job(
     json_format = fields.get("format") not in (None, "")
     reply = reply_for(card.name, prompt_text, json_format=json_format)
     full = len(reply.tokens)
-    bound = _bounded_num_predict(num_predict, fields.get("options"))
-    limit = full if num_predict == 0 else min(bound, full)
+    bound = output_bound(num_predict, runner_context(card, fields.get("options")))
+    limit = full if bound is None else min(bound, full)
     return Job(
         requested=requested,
         card=card,
