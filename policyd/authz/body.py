@@ -273,7 +273,8 @@ def _native_output_cap(body: dict[str, Any]) -> int | None:
         minimum=-_INT32,
         maximum=_INT32,
     )
-    # -1 (unbounded), -2 (fill the context) and 0 (Ollama: no limit) name no cap.
+    # 0 and negatives name no cap: Ollama bounds any negative by ten context windows and
+    # 0 by nothing (`llm/llama_server.go`, boundedNumPredict); the key's cap goes in.
     return cap if cap is not None and cap > 0 else None
 
 
