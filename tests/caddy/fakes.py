@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import socket
 import socketserver
 import threading
 import time
@@ -195,6 +196,17 @@ class _UpstreamHandler(_RecordingHandler):
         return 200, [("Content-Type", "application/json")], upstream_reply(seen.target)
 
     def respond(self, seen: SeenRequest) -> None:
+        if seen.target == "/api/cut":
+            # A stream that dies half-way: Caddy logs an error about the request.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            line = stream_lines()[0]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if not seen.target.startswith("/api/stream"):
             super().respond(seen)
             return

@@ -268,3 +268,36 @@ def test_streamed_response_reaches_client_chunk_by_chunk(gateway: Gateway, targe
     entry, _ = gateway.log_entry(response.headers["X-Request-Id"])
     assert entry["size"] == len(received)
     assert "resp_body" not in entry
+
+
+def test_caddy_runtime_log_holds_no_request_headers(gateway: Gateway) -> None:
+    """An upstream that dies mid-stream makes Caddy log an error about the request: that
+    line names the request but none of its headers (no key, no X-Nz-Body prompt copy)."""
+    prompt = f"runtime-log-secret-{uuid.uuid4().hex}"
+    body = json.dumps({"model": "m", "prompt": prompt}).encode()
+    before = gateway.stderr_log.read_text()
+    with pytest.raises(httpx.HTTPError):
+        with httpx.stream(
+            "POST",
+            f"{gateway.base_url}/api/cut",
+            headers=dict([GOOD_AUTH]),
+            content=body,
+            timeout=10,
+        ) as reply:
+            for _ in reply.iter_bytes():
+                pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        added = gateway.stderr_log.read_text()[len(before) :]
+        if '"request"' in added:
+            break
+        time.sleep(0.05)
+    entries = [json.loads(line) for line in added.splitlines() if line.startswith("{")]
+    about_requests = [e for e in entries if "request" in e]
+    assert about_requests, added[-2000:]
+    for entry in about_requests:
+        assert "headers" not in entry["request"], entry
+    encoded = base64.b64encode(body).decode()
+    assert prompt not in added
+    assert encoded[:40] not in added
+    assert GOOD_KEY not in added
