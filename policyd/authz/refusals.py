@@ -43,6 +43,10 @@ class Reason(enum.StrEnum):
     DAILY_BUDGET = "daily_budget_exhausted"
     MONTHLY_BUDGET = "monthly_budget_exhausted"
     TOTAL_BUDGET = "total_budget_exhausted"
+    #: Answered by Caddy itself (caddy/gateway.caddy) when the request did not arrive
+    #: in full within its read timeout; listed here so one place names every code, and
+    #: tests/caddy checks Caddy's bodies against `render`.
+    REQUEST_TIMEOUT = "request_timeout"
 
 
 _STATUS: Final = {
@@ -69,6 +73,7 @@ _STATUS: Final = {
     Reason.DAILY_BUDGET: 429,
     Reason.MONTHLY_BUDGET: 429,
     Reason.TOTAL_BUDGET: 429,
+    Reason.REQUEST_TIMEOUT: 408,
 }
 #: Budgets are quota, not rate: OpenAI reports those as `insufficient_quota`.
 _QUOTA: Final = frozenset({Reason.DAILY_BUDGET, Reason.MONTHLY_BUDGET, Reason.TOTAL_BUDGET})
@@ -80,6 +85,7 @@ _OPENAI_TYPE: Final = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     503: "api_error",

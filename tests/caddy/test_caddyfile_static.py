@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from policyd.authz.refusals import Reason, Refusal, render
 from policyd.shared import contract
+from policyd.shared.contract import Surface
 from policyd.shared.keys import generate_key
 from tests.caddy.caddy_json import (
     TEST_ENV,
@@ -188,8 +190,73 @@ def test_server_read_timeouts_and_header_size(caddyfile: Path, env: dict[str, st
     # Not full duplex: a refusal on headers alone waits for 256 KiB of an unread body (or
     # the read deadline) and then closes the connection; see docs/configuration.md.
     assert "enable_full_duplex" not in server
+    # Caddy's idle read timeout is off: after a failed read it would clear the deadline,
+    # and Go's drain of a small body's rest would wait for the client without one.
+    assert server["read_idle_timeout"] < 0
     server = gateway_server(adapt(caddyfile, env={**env, "NZ_READ_BODY_TIMEOUT": "2s"}))
     assert server["read_timeout"] == 2 * second
+
+
+def _timeout_routes(config: JsonObject) -> tuple[int, list[JsonObject]]:
+    """Position of the intercept in the gateway route, and its routes for a 499."""
+    order = [handler for handler, _ in gateway_handlers(config)]
+    (index,) = [i for i, h in enumerate(order) if h["handler"] == "intercept"]
+    (on_cut,) = order[index]["handle_response"]
+    assert on_cut["match"] == {"status_code": [499]}
+    routes: list[JsonObject] = on_cut["routes"]
+    return index, routes
+
+
+def test_a_request_cut_by_the_read_timeout_gets_408_before_policyd_admits(
+    config: JsonObject,
+) -> None:
+    """forward_auth's 499 (the read deadline cancelled the request while it read the body)
+    becomes a 408 in the caller's format, with the bodies policyd renders for
+    request_timeout, and closes the connection; a 499 after the grant stays."""
+    order = [handler for handler, _ in gateway_handlers(config)]
+    index, routes = _timeout_routes(config)
+    delete = order.index({"handler": "headers", "request": {"delete": ["X-Nz-*"]}})
+    gate = next(i for i, h in enumerate(order) if is_key_gate(h))
+    # Wraps both calls to policyd (and all after them), never a client-sent X-Nz-Grant.
+    assert delete < index < gate
+    no_grant = {"header": {contract.H_GRANT: ["*"]}}
+    v1 = {"path": ["/v1", "/v1/*"]}
+    headers, openai, ollama = routes
+    assert headers["match"] == [{"not": [no_grant]}]
+    assert headers["handle"] == [
+        {
+            "handler": "headers",
+            "response": {
+                "set": {
+                    "Connection": ["close"],
+                    "Content-Type": ["application/json; charset=utf-8"],
+                    contract.H_REFUSAL: [Reason.REQUEST_TIMEOUT.value],
+                }
+            },
+        }
+    ]
+    assert openai["match"] == [{"not": [no_grant], **v1}]
+    assert ollama["match"] == [{"not": [no_grant, v1]}]
+    (openai_answer,) = openai["handle"]
+    (ollama_answer,) = ollama["handle"]
+    message = json.loads(ollama_answer["body"])["error"]
+    assert message == "request timeout: the request did not arrive in full within 30s"
+    refusal = Refusal(reason=Reason.REQUEST_TIMEOUT, message=message)
+    for answer, surface in ((openai_answer, Surface.OPENAI), (ollama_answer, Surface.OLLAMA)):
+        status, body, _ = render(refusal, surface)
+        assert answer == {
+            "handler": "static_response",
+            "status_code": status,
+            "body": body.decode(),
+        }
+        assert status == 408
+
+
+def test_the_timeout_answer_names_the_configured_read_timeout(env: dict[str, str]) -> None:
+    """The 408's message follows NZ_READ_BODY_TIMEOUT."""
+    config = adapt(DEV_CADDYFILE, env={**env, "NZ_READ_BODY_TIMEOUT": "2s"})
+    _, (_, _, ollama) = _timeout_routes(config)
+    assert json.loads(ollama["handle"][0]["body"])["error"].endswith("within 2s")
 
 
 def test_forward_auth_sends_body_and_id_and_copies_contract_headers(config: JsonObject) -> None:

@@ -29,6 +29,8 @@ JUNK = b"[" + b"{}," * 2_796_000 + b"{}]"
 SMALL_JUNK = b"[" + b"{}," * 30_000 + b"{}]"
 #: The read timeouts of the slow-upload Caddy (seconds).
 SHORT_READ_S = 2
+#: How long a slow-upload client keeps trickling before it gives up on the server.
+GIVE_UP_S = 20
 BUDGET = 10  # policyd's default NZ_AUTH_FAILURE_BUDGET
 
 
@@ -183,27 +185,33 @@ def impatient_gateway(stack: Stack, tmp_path: Path) -> Iterator[str]:
         handle.stop(timeout=10)
 
 
-def _slow_upload(url: str, headers: str, *, length: int = 1_000_000) -> tuple[bytes, int]:
+def _slow_upload(
+    url: str, headers: str, *, path: str = "/api/chat", length: int = 1_000_000
+) -> tuple[bytes, int, bool]:
     """Send headers, then one body byte per 0.25 s until the server hangs up.
 
-    Returns what the server sent and how many body bytes it took before closing.
+    Returns what the server sent, how many body bytes it took, and whether it closed the
+    connection (rather than the client giving up after GIVE_UP_S).
     """
     host, port = url.removeprefix("http://").split(":")
-    head = f"POST /api/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: {length}\r\n{headers}\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Length: {length}\r\n{headers}\r\n"
     received = b""
     sent = 0
+    closed = False
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head.encode())
         sock.settimeout(0.25)
-        # Bounded by the test timeout, not asserted: the server must close well before.
-        while sent < length:
+        give_up = time.monotonic() + GIVE_UP_S
+        while sent < length and time.monotonic() < give_up:
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
                 chunk = None
             except ConnectionResetError:
+                closed = True
                 break
             if chunk == b"":
+                closed = True
                 break
             if chunk:
                 received += chunk
@@ -211,24 +219,77 @@ def _slow_upload(url: str, headers: str, *, length: int = 1_000_000) -> tuple[by
             try:
                 sock.sendall(b" ")
             except (BrokenPipeError, ConnectionResetError):
+                closed = True
                 break
             sent += 1
-    return received, sent
+    return received, sent, closed
 
 
+def _one_response(received: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The status line, headers (lower-cased names) and body of the only response sent."""
+    head, _, rest = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines)
+    names = {name.lower(): value for name, value in fields.items()}
+    length = int(names["content-length"])
+    # Nothing after the body: no second response to bytes read as a next request.
+    assert len(rest) == length, received
+    return status, names, rest
+
+
+@pytest.mark.parametrize(
+    ("path", "length", "key"),
+    [
+        # Over 100 kB: policyd checks the key first, then Caddy reads the body.
+        ("/api/chat", 1_000_000, "valid"),
+        ("/v1/chat/completions", 1_000_000, "valid"),
+        # Under 100 kB with a key-shaped token: read straight away, valid key or not.
+        ("/api/chat", 50_000, "valid"),
+        ("/v1/chat/completions", 50_000, "wrong secret"),
+    ],
+)
 def test_a_slow_upload_with_a_key_shaped_token_is_cut_off(
-    stack: Stack, impatient_gateway: str, api_key: str, standin_log: StandinLog
+    stack: Stack,
+    impatient_gateway: str,
+    api_key: str,
+    standin_log: StandinLog,
+    tmp_path: Path,
+    path: str,
+    length: int,
+    key: str,
 ) -> None:
-    """One byte at a time: Caddy's read_body deadline ends it; nothing is admitted or parsed."""
+    """One byte at a time: once Caddy's read_body deadline passes, the client gets a 408
+    in its API's format and the connection is closed; nothing is admitted or parsed."""
+    token = api_key if key == "valid" else other_secret(api_key)
     before = counters(stack.policyd_socket)
-    received, sent = _slow_upload(impatient_gateway, f"Authorization: Bearer {api_key}\r\n")
-    # Caddy hung up long before the body was complete.
-    assert sent < 1_000_000
-    statuses = [line.split()[1] for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
-    # The read deadline cancels the request (Caddy's 499); the trickle that follows is
-    # read as a next request and cut by read_header (400, Connection: close).
-    assert statuses[:1] in ([b"499"], [b"408"])
-    assert b"200" not in statuses
+    received, sent, closed = _slow_upload(
+        impatient_gateway, f"Authorization: Bearer {token}\r\n", path=path, length=length
+    )
+    # Caddy answered and hung up at the deadline (2 s, ~8 bytes), long before the body
+    # was complete, whether the rest of the declared body was large or small.
+    assert closed
+    assert sent < 4 * SHORT_READ_S * 3
+    status, headers, body = _one_response(received)
+    assert status == "HTTP/1.1 408 Request Timeout"
+    assert headers["connection"] == "close"
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    assert headers["x-nz-refusal"] == "request_timeout"
+    assert headers["x-request-id"]
+    error = json.loads(body)["error"]
+    message = f"request timeout: the request did not arrive in full within {SHORT_READ_S}s"
+    if path.startswith("/v1/"):
+        assert error == {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_timeout",
+        }
+    else:
+        assert error == message
+    # The audit sees it as what the client got (meterd records the refusal code).
+    (line,) = [json.loads(raw) for raw in (tmp_path / "access.log").read_text().splitlines()]
+    assert line["status"] == 408
+    assert line["resp_headers"]["X-Nz-Refusal"] == ["request_timeout"]
     assert delta(before, counters(stack.policyd_socket))["bodies_screened"] == 0
     assert standin_log.requests() == []
 
