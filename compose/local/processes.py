@@ -327,6 +327,8 @@ def wait_until(
         if check():
             return
         if not handle.running:
+            if check():  # it got there as it exited (or exiting was the point)
+                return
             reason = "exited before it was ready"
         elif time.monotonic() >= deadline:
             reason = f"not ready after {timeout:g}s"
