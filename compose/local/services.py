@@ -644,6 +644,13 @@ class PolicydServer:
 # --- Caddy ---------------------------------------------------------------------------------
 
 
+#: Go's collector for Caddy: collect once the heap has grown by 4x the live heap, not 1x.
+#: Every request allocates its body several times over (X-Nz-Body's base64, policyd's upstream
+#: body, copies): at the default a 64 KiB conversation cost 3.2 ms of Caddy's CPU, at 400
+#: 2.6 ms (docs/performance.md). GOMEMLIMIT makes it collect harder near 1 GiB.
+CADDY_GC: Final = {"GOGC": "400", "GOMEMLIMIT": "1GiB"}
+
+
 @attrs.frozen(kw_only=True)
 class CaddyServer:
     """`caddy run` with a Caddyfile whose settings come from `settings` (NZ_* env).
@@ -680,6 +687,7 @@ class CaddyServer:
             {
                 # The internal metrics listener's default port would collide between copies.
                 "NZ_METRICS_PORT": str(free_port()),
+                **CADDY_GC,
                 **self.settings,
                 "NZ_HTTP_PORT": str(self.port),
                 "NZ_BIND": "127.0.0.1",

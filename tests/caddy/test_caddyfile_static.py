@@ -197,6 +197,14 @@ def test_server_read_timeouts_and_header_size(caddyfile: Path, env: dict[str, st
     assert server["read_timeout"] == 2 * second
 
 
+@pytest.mark.parametrize("caddyfile", CADDYFILES, ids=lambda path: path.name)
+def test_clients_speak_http1_unless_told_otherwise(caddyfile: Path, env: dict[str, str]) -> None:
+    """Over TLS too: HTTP/2 and /3 request bodies escape the read timeout in Caddy 2.11.7."""
+    assert gateway_server(adapt(caddyfile, env=env))["protocols"] == ["h1"]
+    wider = adapt(caddyfile, env={**env, "NZ_PROTOCOLS": "h1 h2 h3"})
+    assert gateway_server(wider)["protocols"] == ["h1", "h2", "h3"]
+
+
 def _timeout_routes(config: JsonObject) -> tuple[int, list[JsonObject]]:
     """Position of the intercept in the gateway route, and its routes for a 499."""
     order = [handler for handler, _ in gateway_handlers(config)]
