@@ -228,9 +228,11 @@ def test_start_policyd_rejects_bad_body_limit(tmp_path: Path) -> None:
 def test_caddy_service_sets_every_variable_its_caddyfile_reads(
     compose_file: Path, caddyfile: str
 ) -> None:
-    """Each `{$NZ_*}` the Caddyfile and the gateway snippet read is set on the caddy service."""
+    """Each `{$NZ_*}` the Caddyfile and its snippets read is set on the caddy service."""
     caddy_dir = REPO_ROOT / "caddy"
-    text = (caddy_dir / caddyfile).read_text() + (caddy_dir / "gateway.caddy").read_text()
+    text = "".join(
+        (caddy_dir / name).read_text() for name in (caddyfile, "gateway.caddy", "limits.caddy")
+    )
     read = set(re.findall(r"\{\$([A-Z_][A-Z0-9_]*)", text))
     assert read
     assert read <= set(_environment(_load(compose_file)["services"]["caddy"]))
