@@ -276,16 +276,18 @@ def test_caddy_runtime_log_holds_no_request_headers(gateway: Gateway) -> None:
     prompt = f"runtime-log-secret-{uuid.uuid4().hex}"
     body = json.dumps({"model": "m", "prompt": prompt}).encode()
     before = gateway.stderr_log.read_text()
-    with pytest.raises(httpx.HTTPError):
-        with httpx.stream(
+    with (
+        pytest.raises(httpx.HTTPError),
+        httpx.stream(
             "POST",
             f"{gateway.base_url}/api/cut",
             headers=dict([GOOD_AUTH]),
             content=body,
             timeout=10,
-        ) as reply:
-            for _ in reply.iter_bytes():
-                pass
+        ) as reply,
+    ):
+        for _ in reply.iter_bytes():
+            pass
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         added = gateway.stderr_log.read_text()[len(before) :]
