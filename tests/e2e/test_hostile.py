@@ -407,3 +407,19 @@ def test_a_client_past_its_failure_budget_waits_for_every_refusal(
     assert _from("127.0.0.23", gateway, None).status_code == 401
     assert _from("127.0.0.22", gateway, api_key).status_code == 200
     assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
+
+
+def test_a_client_cannot_name_another_client_to_escape_its_budget(
+    stack: Stack, gateway: str
+) -> None:
+    """X-Forwarded-For and a client-sent X-Nz-Client change nothing: Caddy names the
+    client by its connection, so rotating them keeps every failure on one count."""
+    budget = 30  # policyd's default NZ_AUTH_TARPIT_CLIENT_BUDGET
+    transport = httpx.HTTPTransport(local_address="127.0.0.25")
+    before = counters(stack.policyd_socket)
+    with httpx.Client(transport=transport, timeout=60) as client:
+        for index in range(budget + 1):
+            spoofed = {"X-Forwarded-For": f"10.0.0.{index}", "X-Nz-Client": f"10.1.0.{index}"}
+            reply = client.post(f"{gateway}/api/chat", headers=spoofed, json=CHAT)
+            assert reply.status_code == 401
+    assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1
