@@ -33,6 +33,7 @@ from compose.local.processes import (
     wait_until,
 )
 from policyd.authz.serve import APP, granian_argv
+from policyd.authz.settings import DEFAULT_TARPIT_MAX_HELD
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -602,6 +603,7 @@ class PolicydServer:
             max_body_bytes=self.max_body_bytes,
             app=self.app,
             workers=self.workers,
+            max_held=int(self.settings.get("NZ_AUTH_TARPIT_MAX_HELD", DEFAULT_TARPIT_MAX_HELD)),
         )
         env = base_env(
             {

@@ -26,6 +26,9 @@ _MAX_CONCURRENCY_WAIT_MS: Final = 10_000
 #: A held refusal keeps a Caddy connection and a policyd task: bounded in time and number.
 _MAX_TARPIT_MS: Final = 10_000
 _MAX_TARPIT_HELD: Final = 10_000
+#: Refusals held at once by default: more than a single attacker's connections usually
+#: are, few beside what a socket and Granian carry (serve.py sizes Granian for them).
+DEFAULT_TARPIT_MAX_HELD: Final = 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -84,7 +87,7 @@ class Settings:
     #: held back, whatever key they name.
     auth_tarpit_client_budget: int = 30
     #: Answers held back at once (per process); past it, repeats are answered at once.
-    auth_tarpit_max_held: int = 256
+    auth_tarpit_max_held: int = DEFAULT_TARPIT_MAX_HELD
     log_level: str = "INFO"
 
     @property
@@ -132,7 +135,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if tarpit_ms > _MAX_TARPIT_MS:
         read.errors.append(f"NZ_AUTH_TARPIT_MS must be at most {_MAX_TARPIT_MS}")
     tarpit_budget = read.number("NZ_AUTH_TARPIT_CLIENT_BUDGET", 30, integer=True)
-    tarpit_held = read.number("NZ_AUTH_TARPIT_MAX_HELD", 256, integer=True)
+    tarpit_held = read.number("NZ_AUTH_TARPIT_MAX_HELD", DEFAULT_TARPIT_MAX_HELD, integer=True)
     if tarpit_held > _MAX_TARPIT_HELD:
         read.errors.append(f"NZ_AUTH_TARPIT_MAX_HELD must be at most {_MAX_TARPIT_HELD}")
     if read.errors:
