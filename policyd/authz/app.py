@@ -50,6 +50,9 @@ def _lifespan(settings: Settings) -> Callable[[Litestar], AbstractAsyncContextMa
                 socket_timeout=settings.store_timeout_s,
                 socket_connect_timeout=settings.store_timeout_s,
                 max_connections=64,
+                # A burst beyond the pool waits for a connection (within the store deadline)
+                # instead of failing: with a `rediss://` URL every call goes through here.
+                wait_for_connection_s=settings.store_timeout_s,
                 # The hot path no longer uses this pool, so after a Redis restart its idle
                 # connections are found dead only when used: reconnect once, right away.
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

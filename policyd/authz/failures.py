@@ -59,8 +59,11 @@ class FailureMemory:
         window_s: int,
         budget: int,
         timeout_s: float,
+        gate: asyncio.Semaphore,
     ) -> None:
         self._redis = redis
+        # Calls through redis-py's pool at once (see KeyStore): a burst waits, never fails.
+        self._gate = gate
         self._memory_s = memory_s
         self._window_s = window_s
         self._budget = budget
@@ -80,14 +83,17 @@ class FailureMemory:
             )
         counter = auth_failures(prefix)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.exists(auth_failure(prefix, digest))
-                    pipe.get(counter)
-                    pipe.ttl(counter)
-                    exists, count, ttl = cast(
-                        tuple[int, bytes | None, int], tuple(await pipe.execute())
-                    )
+            async with (
+                asyncio.timeout(self._timeout_s),
+                self._gate,
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                pipe.exists(auth_failure(prefix, digest))
+                pipe.get(counter)
+                pipe.ttl(counter)
+                exists, count, ttl = cast(
+                    tuple[int, bytes | None, int], tuple(await pipe.execute())
+                )
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc
         state = FailureState(
@@ -105,12 +111,15 @@ class FailureMemory:
         """Count one verification against the prefix's window; returns the new count."""
         counter = auth_failures(prefix)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.incr(counter)
-                    # The window starts with its first check and is not extended by later ones.
-                    pipe.expire(counter, self._window_s, nx=True)
-                    count, _ = await pipe.execute()
+            async with (
+                asyncio.timeout(self._timeout_s),
+                self._gate,
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
+                pipe.incr(counter)
+                # The window starts with its first check and is not extended by later ones.
+                pipe.expire(counter, self._window_s, nx=True)
+                count, _ = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc
         return int(count)
@@ -118,7 +127,7 @@ class FailureMemory:
     async def remember(self, prefix: str, digest: str) -> None:
         """Remember a failed secret, so it is refused without Argon2id from now on."""
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._timeout_s), self._gate:
                 await self._redis.set(auth_failure(prefix, digest), b"1", ex=self._memory_s)
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc

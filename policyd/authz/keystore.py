@@ -48,6 +48,8 @@ _log = logging.getLogger("policyd.authz.keystore")
 _UNKNOWN: Final = b"-"
 #: Unknown prefixes a process remembers itself (for `key_cache_ttl_s`) at most.
 _UNKNOWN_ENTRIES: Final = 10_000
+#: Calls through redis-py's pool at once from key checks (of the 64 connections, app.py).
+REDIS_PY_AT_ONCE: Final = 48
 
 
 # Stand-in for "Redis knows this prefix does not exist": its digest matches nothing.
@@ -120,7 +122,13 @@ class KeyStore:
         self._local: dict[str, tuple[float, KeyRecord]] = {}
         self._unknown: ExpiringSet[str] = ExpiringSet(limit=_UNKNOWN_ENTRIES)
         self.lanes: Final = Argon2Lanes(suspect_per_s=settings.auth_suspect_per_s)
+        # redis-py raises (MaxConnectionsError: a 503) when every connection of its pool is
+        # busy, and a flood of wrong keys arriving at once (held refusals are released
+        # together) used to get there: the calls this class makes through it wait here for
+        # a turn instead, within the store deadline, and leave part of the pool to others.
+        self._redis_gate = asyncio.Semaphore(REDIS_PY_AT_ONCE)
         self._failures = FailureMemory(
+            gate=self._redis_gate,
             redis=redis,
             memory_s=settings.auth_failure_memory_s,
             window_s=settings.auth_failure_window_s,
@@ -173,7 +181,8 @@ class KeyStore:
                 if self._hot is not None:
                     raw = await self._hot.get(key_record(prefix))
                 else:
-                    raw = cast(bytes | None, await self._redis.get(key_record(prefix)))
+                    async with self._redis_gate:
+                        raw = cast(bytes | None, await self._redis.get(key_record(prefix)))
         except (RedisError, OSError, TimeoutError) as exc:
             raise redis_failure(exc) from exc
         metrics.key_cache("redis", hit=raw is not None)
@@ -255,7 +264,7 @@ class KeyStore:
             budget_timezone=row.budget_timezone,
         )
         try:
-            async with asyncio.timeout(self._settings.store_timeout_s):
+            async with asyncio.timeout(self._settings.store_timeout_s), self._redis_gate:
                 await self._redis.set(
                     key_record(prefix),
                     encode_record(record),
@@ -268,7 +277,7 @@ class KeyStore:
 
     async def _remember_unknown(self, prefix: str) -> None:
         try:
-            async with asyncio.timeout(self._settings.store_timeout_s):
+            async with asyncio.timeout(self._settings.store_timeout_s), self._redis_gate:
                 await self._redis.set(
                     key_record(prefix),
                     _UNKNOWN,

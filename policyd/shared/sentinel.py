@@ -117,14 +117,29 @@ async def locate_primary(
     raise RedisConnectionError("no Sentinel named a primary (" + "; ".join(problems) + ")")
 
 
-def redis_client(url: str, sentinels: SentinelSettings | None, **options: Any) -> aioredis.Redis:
+def redis_client(
+    url: str,
+    sentinels: SentinelSettings | None,
+    *,
+    wait_for_connection_s: float | None = None,
+    **options: Any,
+) -> aioredis.Redis:
     """A redis-py client for `url`, or for the Sentinels' primary when there are Sentinels.
 
     redis-py's Sentinel pool asks the Sentinels on every new connection and drops a
     connection that meets a READONLY reply, so it follows a failover by itself.
+
+    With `wait_for_connection_s` (no Sentinels), a call that finds every connection of
+    the pool (`max_connections`) busy waits up to that long for one; by default redis-py
+    raises MaxConnectionsError at once, which a burst of requests turns into 503s.
     """
     if sentinels is None:
-        return aioredis.Redis.from_url(url, **options)
+        if wait_for_connection_s is None:
+            return aioredis.Redis.from_url(url, **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, timeout=wait_for_connection_s, **options
+        )
+        return aioredis.Redis.from_pool(pool)
     address = redis_address(url)
     auth: Mapping[str, Any] = (
         {}
