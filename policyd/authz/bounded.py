@@ -1,7 +1,7 @@
-"""A bounded in-process memory of keys with an expiry, for what clients can make us learn.
+"""Bounded in-process memories, for what clients can make us learn.
 
-Anything a client can add to (refused secrets, unknown prefixes) must not grow without
-bound: past `limit` entries the oldest is dropped, whether it expired or not.
+Anything a client can add to (refused secrets, unknown prefixes, its failures) must not
+grow without bound: past `limit` entries the oldest is dropped, whether it expired or not.
 """
 
 from __future__ import annotations
@@ -9,9 +9,18 @@ from __future__ import annotations
 import time
 from typing import Generic, TypeVar
 
-__all__ = ["ExpiringSet"]
+__all__ = ["ExpiringSet", "WindowCounts"]
 
 _K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _newest(memory: dict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """Put `key` at the newest end of `memory`; drop the oldest entry past `limit`."""
+    memory.pop(key, None)
+    memory[key] = value
+    if len(memory) > limit:
+        del memory[next(iter(memory))]
 
 
 class ExpiringSet(Generic[_K]):
@@ -23,10 +32,7 @@ class ExpiringSet(Generic[_K]):
 
     def add(self, key: _K, *, for_s: float) -> None:
         """Remember `key` for `for_s` seconds (re-adding moves it to the newest end)."""
-        self._until.pop(key, None)
-        self._until[key] = time.monotonic() + for_s
-        if len(self._until) > self._limit:
-            del self._until[next(iter(self._until))]
+        _newest(self._until, key, time.monotonic() + for_s, self._limit)
 
     def left_s(self, key: _K) -> float:
         """Seconds `key` is still remembered for; 0 when it is not (or no longer)."""
@@ -41,3 +47,26 @@ class ExpiringSet(Generic[_K]):
 
     def __len__(self) -> int:
         return len(self._until)
+
+
+class WindowCounts(Generic[_K]):
+    """Events per key in a fixed window that starts with the key's first event, for at
+    most `limit` keys."""
+
+    def __init__(self, *, window_s: float, limit: int) -> None:
+        self._window_s = window_s
+        self._limit = limit
+        #: key -> (start of its window, events in it)
+        self._counts: dict[_K, tuple[float, int]] = {}
+
+    def add(self, key: _K) -> int:
+        """Count one event for `key`; its events in the current window, this one included."""
+        now = time.monotonic()
+        start, count = self._counts.get(key, (now, 0))
+        if now - start >= self._window_s:
+            start, count = now, 0
+        _newest(self._counts, key, (start, count + 1), self._limit)
+        return count + 1
+
+    def __len__(self) -> int:
+        return len(self._counts)

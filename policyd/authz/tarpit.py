@@ -17,10 +17,10 @@ are answered at once (and counted), as before this existed.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Final
 
 from policyd.authz import metrics
+from policyd.authz.bounded import WindowCounts
 
 __all__ = ["Tarpit"]
 
@@ -36,28 +36,15 @@ class Tarpit:
     ) -> None:
         self.delay_s: Final = delay_s
         self._client_budget = client_budget
-        self._window_s = window_s
         self._max_held = max_held
-        #: client -> (start of its window, failures in it)
-        self._failures: dict[str, tuple[float, int]] = {}
+        self._failures: WindowCounts[str] = WindowCounts(window_s=window_s, limit=_MAX_CLIENTS)
         self.held_now = 0
         self.held = 0  # answers that waited
         self.overflowed = 0  # repeats answered at once because max_held were waiting
 
-    def _strike(self, client: str) -> int:
-        """Count one failure for `client`; its failures in the current window."""
-        now = time.monotonic()
-        start, count = self._failures.pop(client, (now, 0))
-        if now - start >= self._window_s:
-            start, count = now, 0
-        self._failures[client] = (start, count + 1)
-        if len(self._failures) > _MAX_CLIENTS:
-            del self._failures[next(iter(self._failures))]
-        return count + 1
-
     async def hold(self, client: str | None, *, repeated: bool) -> bool:
         """Wait before a failure's answer when it is a repeat; True when it waited."""
-        strikes = self._strike(client) if client else 0
+        strikes = self._failures.add(client) if client else 0
         if self.delay_s <= 0 or not (repeated or strikes > self._client_budget):
             return False
         if self.held_now >= self._max_held:

@@ -1,10 +1,10 @@
-"""The bounded expiring memory behind policyd's failure and unknown-prefix caches."""
+"""The bounded in-process memories behind policyd's failure, prefix and client caches."""
 
 from __future__ import annotations
 
 import time
 
-from policyd.authz.bounded import ExpiringSet
+from policyd.authz.bounded import ExpiringSet, WindowCounts
 
 
 def test_a_key_is_remembered_until_it_expires() -> None:
@@ -30,3 +30,13 @@ def test_a_spray_of_keys_cannot_grow_it_past_its_limit() -> None:
     assert len(memory) == 100
     assert memory.left_s(0) == 0
     assert memory.left_s(9_999) > 0
+
+
+def test_window_counts_restart_after_the_window_and_forget_the_oldest_past_the_limit() -> None:
+    counts: WindowCounts[str] = WindowCounts(window_s=0.05, limit=2)
+    assert [counts.add("a"), counts.add("a"), counts.add("b")] == [1, 2, 1]
+    counts.add("c")  # "a" is the oldest: forgotten
+    assert len(counts) == 2
+    assert counts.add("a") == 1
+    time.sleep(0.06)
+    assert counts.add("a") == 1
