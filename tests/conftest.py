@@ -134,11 +134,8 @@ def stack(
         redis=redis_server,
         standin=standin,
     )
-    try:
-        built.start()
+    with built:
         yield built
-    finally:
-        built.stop()
 
 
 @pytest.fixture(autouse=True)

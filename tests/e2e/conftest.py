@@ -114,11 +114,8 @@ def slow_stack(
         postgres=postgres,
         redis=redis_server,
     )
-    try:
-        built.start()
+    with built:
         yield built
-    finally:
-        built.stop()
 
 
 @pytest.fixture

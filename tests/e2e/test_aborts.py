@@ -49,11 +49,8 @@ def late_stack(
         postgres=postgres,
         redis=redis_server,
     )
-    try:
-        built.start()
+    with built:
         yield built
-    finally:
-        built.stop()
 
 
 def _send(gateway: str, key: str, *, stream: bool) -> socket.socket:

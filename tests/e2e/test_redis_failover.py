@@ -131,11 +131,8 @@ def sentinel_stack(
         postgres=postgres,
         redis=cluster.primary,
     )
-    try:
-        built.start()
+    with built:
         yield built
-    finally:
-        built.stop()
 
 
 class Load:

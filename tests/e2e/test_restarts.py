@@ -59,11 +59,8 @@ def _gateway(
         postgres=postgres,
         redis=redis_server,
     )
-    try:
-        built.start()
+    with built:
         yield built
-    finally:
-        built.stop()
 
 
 def _stream(gateway: str, key: str, received: list[bytes]) -> str:

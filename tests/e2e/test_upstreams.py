@@ -59,12 +59,9 @@ def pool(
         postgres=postgres,
         redis=redis_server,
     )
-    try:
-        built.start()
+    with built:
         _wait_for_hosts(built, healthy=2)
         yield built
-    finally:
-        built.stop()
 
 
 @pytest.fixture

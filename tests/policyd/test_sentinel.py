@@ -108,18 +108,23 @@ async def test_a_replica_is_never_used(pair: Pair) -> None:
         await client.aclose()
 
 
+def _promote(port: int, *, under: int) -> None:
+    """Make the server on `port` the primary and the one on `under` its replica."""
+    primary = redis.Redis(port=port)
+    replica = redis.Redis(port=under)
+    try:
+        primary.replicaof("NO", "ONE")
+        replica.replicaof("127.0.0.1", port)
+    finally:
+        primary.close()
+        replica.close()
+
+
 @pytest.fixture
 async def swapped(pair: Pair) -> AsyncIterator[None]:
     """Afterwards the primary is the primary again and the replica its replica."""
     yield
-    primary = redis.Redis(port=pair.primary.launcher.port)
-    replica = redis.Redis(port=pair.replica.launcher.port)
-    try:
-        primary.replicaof("NO", "ONE")
-        replica.replicaof("127.0.0.1", pair.primary.launcher.port)
-    finally:
-        primary.close()
-        replica.close()
+    _promote(pair.primary.launcher.port, under=pair.replica.launcher.port)
 
 
 async def test_a_demoted_primary_is_left_for_the_new_one(pair: Pair, swapped: None) -> None:
@@ -134,14 +139,7 @@ async def test_a_demoted_primary_is_left_for_the_new_one(pair: Pair, swapped: No
     write = encode_command(b"SET", b"nz:test:failover", b"1")
     try:
         assert await client.call(write) == b"OK"
-        old = redis.Redis(port=pair.primary.launcher.port)
-        new = redis.Redis(port=pair.replica.launcher.port)
-        try:
-            new.replicaof("NO", "ONE")
-            old.replicaof("127.0.0.1", pair.replica.launcher.port)
-        finally:
-            old.close()
-            new.close()
+        _promote(pair.replica.launcher.port, under=pair.primary.launcher.port)
         where["port"] = pair.replica.launcher.port
         # READONLY, or the server dropped us on the switch: an outage either way (503).
         with pytest.raises((ReadOnlyError, RedisConnectionError)) as caught:
