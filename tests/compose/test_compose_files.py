@@ -238,16 +238,23 @@ def test_caddy_service_sets_every_variable_its_caddyfile_reads(
     assert read <= set(_environment(_load(compose_file)["services"]["caddy"]))
 
 
-@pytest.mark.parametrize("workers", ["0", "-1", "two", "1.5"])
-def test_start_policyd_rejects_bad_worker_count(tmp_path: Path, workers: str) -> None:
-    """start-policyd refuses an NZ_POLICYD_WORKERS that is not a whole number of at least 1."""
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        *(("NZ_POLICYD_WORKERS", value) for value in ("0", "-1", "two", "1.5")),
+        *(("NZ_AUTH_TARPIT_MAX_HELD", value) for value in ("0", "-5", "lots")),
+    ],
+)
+def test_start_policyd_rejects_bad_worker_count(tmp_path: Path, name: str, value: str) -> None:
+    """start-policyd refuses an NZ_POLICYD_WORKERS, or an NZ_AUTH_TARPIT_MAX_HELD (which
+    sizes Granian's backpressure), that is not a whole number of at least 1."""
     done = subprocess.run(
         [str(Path(sys.executable).with_name("start-policyd"))],
-        env={"NZ_POLICYD_SOCKET": str(tmp_path / "p.sock"), "NZ_POLICYD_WORKERS": workers},
+        env={"NZ_POLICYD_SOCKET": str(tmp_path / "p.sock"), name: value},
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 2
-    assert "NZ_POLICYD_WORKERS" in done.stderr
+    assert name in done.stderr
     assert not (tmp_path / "p.sock").exists()

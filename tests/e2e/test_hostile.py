@@ -32,6 +32,7 @@ SHORT_READ_S = 2
 #: How long a slow-upload client keeps trickling before it gives up on the server.
 GIVE_UP_S = 20
 BUDGET = 10  # policyd's default NZ_AUTH_FAILURE_BUDGET
+CLIENT_BUDGET = 30  # policyd's default NZ_AUTH_TARPIT_CLIENT_BUDGET
 
 
 def post(gateway: str, key: str, path: str = "/api/chat", **kwargs: object) -> httpx.Response:
@@ -366,9 +367,13 @@ def test_a_valid_key_with_odd_spacing_or_a_chunked_body_reaches_ollama_whole(
     assert sizes[0] > 200_000
 
 
-def _from(source: str, gateway: str, key: str | None) -> httpx.Response:
+def _from(
+    source: str, gateway: str, key: str | None, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """A chat sent from the loopback address `source`: Caddy's client_ip for it."""
-    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    headers = dict(headers or {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=60) as client:
         return client.post(f"{gateway}/api/chat", headers=headers, json=CHAT)
@@ -396,9 +401,8 @@ def test_a_client_past_its_failure_budget_waits_for_every_refusal(
 ) -> None:
     """Past NZ_AUTH_TARPIT_CLIENT_BUDGET failures, even first-time failures of that client
     are held; another client's are not, and the failing client's valid key still passes."""
-    budget = 30  # policyd's default NZ_AUTH_TARPIT_CLIENT_BUDGET
     before = counters(stack.policyd_socket)
-    for _ in range(budget):
+    for _ in range(CLIENT_BUDGET):
         assert _from("127.0.0.22", gateway, None).status_code == 401
     assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 0
     reply = _from("127.0.0.22", gateway, unknown_prefix_key())
@@ -414,12 +418,8 @@ def test_a_client_cannot_name_another_client_to_escape_its_budget(
 ) -> None:
     """X-Forwarded-For and a client-sent X-Nz-Client change nothing: Caddy names the
     client by its connection, so rotating them keeps every failure on one count."""
-    budget = 30  # policyd's default NZ_AUTH_TARPIT_CLIENT_BUDGET
-    transport = httpx.HTTPTransport(local_address="127.0.0.25")
     before = counters(stack.policyd_socket)
-    with httpx.Client(transport=transport, timeout=60) as client:
-        for index in range(budget + 1):
-            spoofed = {"X-Forwarded-For": f"10.0.0.{index}", "X-Nz-Client": f"10.1.0.{index}"}
-            reply = client.post(f"{gateway}/api/chat", headers=spoofed, json=CHAT)
-            assert reply.status_code == 401
+    for index in range(CLIENT_BUDGET + 1):
+        spoofed = {"X-Forwarded-For": f"10.0.0.{index}", "X-Nz-Client": f"10.1.0.{index}"}
+        assert _from("127.0.0.25", gateway, None, spoofed).status_code == 401
     assert delta(before, counters(stack.policyd_socket))["auth_refusals_held"] == 1

@@ -150,3 +150,32 @@ def test_leases_are_sized_by_the_request_time_limit() -> None:
     with pytest.raises(SettingsError, match="NZ_CONCURRENCY_WAIT_MS"):
         load_settings({**_VALID, "NZ_CONCURRENCY_WAIT_MS": "99999999"})
     assert load_settings({**_VALID, "NZ_CONCURRENCY_WAIT_MS": "0"}).concurrency_wait_s == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NZ_AUTH_TARPIT_MS", "-1"),
+        ("NZ_AUTH_TARPIT_MS", "10001"),
+        ("NZ_AUTH_TARPIT_MS", "1.5"),
+        ("NZ_AUTH_TARPIT_MS", "1e999"),
+        ("NZ_AUTH_TARPIT_CLIENT_BUDGET", "0"),
+        ("NZ_AUTH_TARPIT_CLIENT_BUDGET", "-30"),
+        ("NZ_AUTH_TARPIT_CLIENT_BUDGET", "lots"),
+        ("NZ_AUTH_TARPIT_MAX_HELD", "0"),
+        ("NZ_AUTH_TARPIT_MAX_HELD", "10001"),
+        ("NZ_AUTH_TARPIT_MAX_HELD", "99999999999999999999"),
+    ],
+)
+def test_absurd_tarpit_settings_are_refused_by_name(name: str, value: str) -> None:
+    """Each tarpit setting out of range stops policyd with one line naming it."""
+    with pytest.raises(SettingsError, match=name):
+        load_settings({**_VALID, name: value})
+
+
+def test_tarpit_defaults_and_off() -> None:
+    """1 s, 30 failures per client and window, 1024 held; 0 ms turns holding off."""
+    settings = load_settings(_VALID)
+    assert (settings.auth_tarpit_s, settings.auth_tarpit_client_budget) == (1.0, 30)
+    assert settings.auth_tarpit_max_held == 1024
+    assert load_settings({**_VALID, "NZ_AUTH_TARPIT_MS": "0"}).auth_tarpit_s == 0
