@@ -203,6 +203,10 @@ def test_clients_speak_http1_unless_told_otherwise(caddyfile: Path, env: dict[st
     assert gateway_server(adapt(caddyfile, env=env))["protocols"] == ["h1"]
     wider = adapt(caddyfile, env={**env, "NZ_PROTOCOLS": "h1 h2 h3"})
     assert gateway_server(wider)["protocols"] == ["h1", "h2", "h3"]
+    # A typo stops Caddy at start with the value named, never a silent default.
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        adapt(caddyfile, env={**env, "NZ_PROTOCOLS": "h9"})
+    assert b"unknown protocol 'h9'" in caught.value.stderr
 
 
 def _timeout_routes(config: JsonObject) -> tuple[int, list[JsonObject]]:
